@@ -1,0 +1,120 @@
+"""CheckpointRecorder: the weights at scheduled points, as safetensors, with the learning rates."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Sequence
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lightning_tda.callbacks.recording import (
+    RecordSchedule,
+    as_store,
+    learning_rates,
+    model_description,
+    open_store,
+)
+from lightning_tda.store import RunStore, StoreError
+
+
+def checkpoint_tag(epoch: int, global_step: int) -> str:
+    """The tag of a checkpoint taken at ``(epoch, global_step)``, e.g. ``epoch=3-step=120``."""
+    return f"epoch={epoch}-step={global_step}"
+
+
+class CheckpointRecorder(Callback):
+    """Save the module's state (parameters and buffers) into the RunStore at scheduled points.
+
+    Checkpoints are safetensors (loading never unpickles) with metadata: epoch, global step and the
+    learning rate of every param group of every optimizer (TracIn weights checkpoints by it). Under
+    DDP rank 0 writes (weights are replicated) and the others wait. A checkpoint already in the
+    store at the same step (a resumed run) is not written twice.
+
+    Args:
+        store: a :class:`~lightning_tda.store.RunStore` or a path/URL for one.
+        every_n_epochs: save at the end of every n-th epoch.
+        every_n_steps: save after every n-th optimizer step.
+        at_epochs: save at the end of these 0-based epochs.
+        on_fit_end: save when training ends (unless already saved at that step).
+    """
+
+    def __init__(
+        self,
+        store: RunStore | str,
+        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = None,
+        at_epochs: Sequence[int] | None = None,
+        on_fit_end: bool = True,
+    ) -> None:
+        self.store_arg = as_store(store)
+        self.schedule = RecordSchedule(
+            every_n_epochs=every_n_epochs,
+            every_n_steps=every_n_steps,
+            at_epochs=tuple(at_epochs) if at_epochs is not None else None,
+            on_fit_end=on_fit_end,
+        )
+        self.store: RunStore | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(store=str(self.store_arg))
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.store = open_store(self.store_arg, trainer)
+        if trainer.is_global_zero and self.store.manifest.get("model") is None:
+            self.store.update_manifest(lambda m: m.__setitem__("model", model_description(pl_module)))
+        trainer.strategy.barrier("CheckpointRecorder.setup")
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.schedule.at_step(trainer.global_step):
+            self.save(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.schedule.at_epoch_end(trainer.current_epoch):
+            self.save(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.schedule.on_fit_end:
+            self.save(trainer, pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"store": str(self.store_arg)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("store") != str(self.store_arg):
+            warnings.warn(
+                f"resuming a CheckpointRecorder that saved into {state_dict.get('store')!r}, now "
+                f"pointed at {str(self.store_arg)!r}: earlier checkpoints stay in the old store"
+            )
+
+    def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+        """Save the current weights (rank 0), unless a checkpoint at this step exists; return its tag."""
+        assert self.store is not None, "CheckpointRecorder.save called before setup"
+        tag = checkpoint_tag(trainer.current_epoch, trainer.global_step)
+        if trainer.is_global_zero:
+            existing = self.store.manifest["checkpoints"]
+            same_step = [t for t, meta in existing.items() if meta.get("global_step") == trainer.global_step]
+            if tag in existing and existing[tag].get("global_step") != trainer.global_step:
+                raise StoreError(f"checkpoint {tag!r} exists at another step: record into a new store")
+            if not same_step:
+                self.store.save_checkpoint(
+                    tag,
+                    pl_module.state_dict(),
+                    {
+                        "epoch": int(trainer.current_epoch),
+                        "global_step": int(trainer.global_step),
+                        "learning_rates": learning_rates(trainer),
+                    },
+                )
+        trainer.strategy.barrier("CheckpointRecorder.save")
+        return tag

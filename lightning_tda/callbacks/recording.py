@@ -1,0 +1,164 @@
+"""What every recorder shares: schedules, finding datasets, an isolated eval pass, DDP helpers.
+
+A recorder runs its own pass over a dataset in eval mode, in order, in batches; row ``i`` is
+example ``i``. The pass must not change training: :func:`isolated_eval` puts every submodule in
+eval mode, disables grad, and restores the train/eval flags and all RNG states afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset, TensorDataset, default_collate
+
+from lightning_tda.data import BatchParser, TensorImageDataset
+from lightning_tda.store import RunStore, validate_name
+
+
+@dataclass(frozen=True)
+class RecordSchedule:
+    """When to record: every ``every_n_epochs`` epochs, at listed epochs, every ``every_n_steps``
+    optimizer steps, and/or at the end of fit. Epochs are the trainer's 0-based ``current_epoch``;
+    an epoch's record is taken at its end."""
+
+    every_n_epochs: int | None = None
+    at_epochs: tuple[int, ...] | None = None
+    every_n_steps: int | None = None
+    on_fit_end: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("every_n_epochs", "every_n_steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.at_epochs is not None and any((not isinstance(e, int)) or e < 0 for e in self.at_epochs):
+            raise ValueError(f"at_epochs must be non-negative integers, got {self.at_epochs!r}")
+        if not (self.every_n_epochs or self.at_epochs or self.every_n_steps or self.on_fit_end):
+            raise ValueError(
+                "nothing would be recorded: set every_n_epochs, at_epochs, every_n_steps or on_fit_end"
+            )
+
+    def at_epoch_end(self, epoch: int) -> bool:
+        if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0:
+            return True
+        return bool(self.at_epochs and epoch in self.at_epochs)
+
+    def at_step(self, global_step: int) -> bool:
+        return bool(self.every_n_steps and global_step > 0 and global_step % self.every_n_steps == 0)
+
+
+def as_store(store: RunStore | str) -> RunStore | str:
+    """Validate a store argument early; a path is opened lazily on the rank that needs it."""
+    if isinstance(store, RunStore):
+        return store
+    if not isinstance(store, (str,)) and not hasattr(store, "__fspath__"):
+        raise TypeError(f"store must be a RunStore or a path/URL, got {type(store).__name__}")
+    return str(store)
+
+
+def open_store(store: RunStore | str, trainer: L.Trainer) -> RunStore:
+    """Open (rank 0 creates first, then everyone opens) the RunStore of a recorder."""
+    if isinstance(store, RunStore):
+        return store
+    if trainer.is_global_zero:
+        RunStore(store)
+    trainer.strategy.barrier("lightning_tda.open_store")
+    return RunStore(store, create=False)
+
+
+def find_datasets(
+    trainer: L.Trainer, splits: Sequence[str], datasets: Mapping[str, Dataset] | None
+) -> dict[str, Dataset]:
+    """Datasets to record, by split: explicit ``datasets``, else the datamodule's
+    ``recording_dataset(split)``, else the dataset of its train/val dataloader."""
+    found: dict[str, Dataset] = {}
+    datamodule = getattr(trainer, "datamodule", None)
+    for split in splits:
+        validate_name(split, "split name")
+        if datasets and split in datasets:
+            found[split] = datasets[split]
+            continue
+        if datamodule is not None and hasattr(datamodule, "recording_dataset"):
+            found[split] = datamodule.recording_dataset(split)
+            continue
+        loader_fn = {"train": "train_dataloader", "val": "val_dataloader", "test": "test_dataloader"}.get(split)
+        source = datamodule if datamodule is not None else trainer.lightning_module
+        if loader_fn is None or source is None or not hasattr(source, loader_fn):
+            raise ValueError(
+                f"cannot find a dataset for split {split!r}: pass datasets={{'{split}': dataset}} "
+                "to the recorder, or use a datamodule with train/val dataloaders"
+            )
+        loader = getattr(source, loader_fn)()
+        found[split] = loader.dataset
+    for split, dataset in found.items():
+        if len(dataset) == 0:  # type: ignore[arg-type]
+            raise ValueError(
+                f"the {split!r} dataset is empty: there is nothing to record; drop {split!r} from "
+                "splits or give a non-empty dataset"
+            )
+    return found
+
+
+def fetch_rows(dataset: Dataset, start: int, stop: int, parser: BatchParser) -> tuple[Tensor, Tensor]:
+    """Examples ``start..stop`` of ``dataset`` as a batch ``(x, y)`` (fast paths for tensor data)."""
+    if isinstance(dataset, TensorImageDataset) and dataset.transform is None:
+        return dataset.images[start:stop], dataset.targets[start:stop]
+    if isinstance(dataset, TensorDataset):
+        return parser(tuple(t[start:stop] for t in dataset.tensors))
+    return parser(default_collate([dataset[i] for i in range(start, stop)]))
+
+
+def iter_batches(
+    dataset: Dataset, start: int, stop: int, batch_size: int, parser: BatchParser, device: torch.device
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """Yield ``(offset, x, y)`` for rows ``start..stop`` in order, moved to ``device``."""
+    for lo in range(start, stop, batch_size):
+        x, y = fetch_rows(dataset, lo, min(lo + batch_size, stop), parser)
+        yield lo, torch.as_tensor(x).to(device), torch.as_tensor(y).to(device)
+
+
+@contextlib.contextmanager
+def isolated_eval(module: nn.Module, grad: bool = False) -> Iterator[None]:
+    """Eval mode, no grad (unless ``grad``), and every RNG state restored on exit."""
+    modes = {m: m.training for m in module.modules()}
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    np_rng = np.random.get_state()
+    py_rng = random.getstate()
+    module.eval()
+    try:
+        with torch.set_grad_enabled(grad):
+            yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        np.random.set_state(np_rng)
+        random.setstate(py_rng)
+
+
+def world(trainer: L.Trainer) -> tuple[int, int]:
+    """``(global_rank, world_size)`` of the trainer."""
+    return int(trainer.global_rank), int(trainer.world_size)
+
+
+def learning_rates(trainer: L.Trainer) -> list[list[float]]:
+    """The learning rate of every param group of every optimizer (TracIn weights checkpoints by it)."""
+    return [[float(group["lr"]) for group in opt.param_groups] for opt in trainer.optimizers]
+
+
+def model_description(module: nn.Module) -> dict[str, Any]:
+    """Class and parameter count, for the manifest."""
+    return {
+        "class": f"{type(module).__module__}.{type(module).__qualname__}",
+        "num_parameters": int(sum(p.numel() for p in module.parameters())),
+    }

@@ -1,0 +1,438 @@
+"""RunStore: one directory per training run holding everything the recorders write.
+
+Layout (a local path or an fsspec URL)::
+
+    <root>/manifest.json              schema version, run name, fingerprints, records, checkpoints
+    <root>/arrays/                    one zarr v3 group
+        margins/<split>               [n_records, n_examples]   (row axis 1)
+        grads/<split>/<ckpt>          [n_examples, k]           (row axis 0)
+        _complete/<array name>        one bool per row block (per leading index)
+    <root>/checkpoints/<tag>.safetensors
+
+Every array is written in *row blocks* along its row axis (the example axis for recordings, the
+model axis for sweeps). Writing a block stores the values first and then sets the block's
+completion flag, each in its own chunk; zarr's local store replaces files atomically. A writer
+killed at any moment therefore leaves a store that opens, reports exactly which blocks are
+incomplete, and is finished by a resume that writes only those blocks. Nothing is unpickled:
+JSON, zarr and safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import fsspec
+import numpy as np
+import torch
+import zarr
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+SCHEMA_VERSION = 1
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
+
+
+class StoreError(RuntimeError):
+    """A RunStore cannot be opened, written or read as asked."""
+
+
+class SchemaVersionError(StoreError):
+    """The store was written by a newer lightning-tda."""
+
+
+class FingerprintMismatchError(StoreError):
+    """The store was written for a different dataset."""
+
+
+def validate_name(name: str, what: str = "name") -> str:
+    """Check a name that becomes part of a path (split, run name, checkpoint tag)."""
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise ValueError(
+            f"invalid {what} {name!r}: use letters, digits and '_', '.', '=', '+', '-' only, "
+            "starting with a letter or digit (no path separators, no '..')"
+        )
+    return name
+
+
+def join_name(*parts: str) -> str:
+    """Join validated parts into an array name such as ``margins/train``."""
+    return "/".join(validate_name(p, "array name part") for p in parts)
+
+
+@dataclass(frozen=True)
+class ArrayLayout:
+    """How an array is written: its shape, the axis cut into row blocks, and the block size."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    row_axis: int
+    block_rows: int
+
+    @property
+    def n_rows(self) -> int:
+        return self.shape[self.row_axis]
+
+    @property
+    def n_blocks(self) -> int:
+        return max(1, math.ceil(self.n_rows / self.block_rows))
+
+    def block_range(self, block: int) -> tuple[int, int]:
+        start = block * self.block_rows
+        return start, min(start + self.block_rows, self.n_rows)
+
+
+def rank_blocks(n_blocks: int, rank: int, world_size: int) -> range:
+    """The contiguous range of block indices that ``rank`` of ``world_size`` writes."""
+    lo = (n_blocks * rank) // world_size
+    hi = (n_blocks * (rank + 1)) // world_size
+    return range(lo, hi)
+
+
+class RunStore:
+    """The record of one training run: manifest, zarr arrays in row blocks, safetensors checkpoints.
+
+    Args:
+        path: a directory path or an fsspec URL (``memory://...``, ``s3://...``).
+        create: create the store if it does not exist (else raise).
+        run_name, algorithm, seed: written to a new store's manifest.
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> store = RunStore(tempfile.mkdtemp() + "/run")
+        >>> layout = store.ensure_array("preds/val", shape=(1, 5), dtype="int64", row_axis=1, block_rows=2)
+        >>> store.write_block("preds/val", 0, np.array([3, 1]), lead=(0,))
+        >>> store.incomplete_blocks("preds/val", lead=(0,))
+        [(2, 4), (4, 5)]
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        create: bool = True,
+        run_name: str | None = None,
+        algorithm: str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.path = str(path)
+        self._fs, self._root = fsspec.core.url_to_fs(self.path)
+        self._is_local = "://" not in self.path or self.path.startswith("file://")
+        exists = self._fs.exists(self._join("manifest.json"))
+        if not exists and not create:
+            raise StoreError(f"no RunStore at {self.path} (manifest.json missing); record one first")
+        if not exists:
+            self._create(run_name, algorithm, seed)
+        self._check_schema(self.manifest)
+        self._group = zarr.open_group(self._zarr_url(), mode="a")
+        self._layouts: dict[str, ArrayLayout] = {}
+
+    # ------------------------------------------------------------------ paths and manifest
+    def _join(self, *parts: str) -> str:
+        return "/".join([self._root.rstrip("/"), *parts])
+
+    def _zarr_url(self) -> str:
+        return str(Path(self._root) / "arrays") if self._is_local else self.path.rstrip("/") + "/arrays"
+
+    def _create(self, run_name: str | None, algorithm: str | None, seed: int | None) -> None:
+        try:
+            self._fs.makedirs(self._join("checkpoints"), exist_ok=True)
+            probe = self._join(".write_probe")
+            with self._fs.open(probe, "wb") as f:
+                f.write(b"ok")
+            self._fs.rm(probe)
+        except OSError as err:
+            raise StoreError(
+                f"cannot create a RunStore at {self.path}: {err}; pass a writable directory "
+                "(or an fsspec URL you can write to)"
+            ) from err
+        from lightning_tda import __version__
+
+        self._write_manifest(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "library_version": __version__,
+                "run_name": validate_name(run_name, "run name") if run_name else None,
+                "algorithm": algorithm,
+                "seed": seed,
+                "fingerprints": {},
+                "model": None,
+                "projection": None,
+                "records": {},
+                "checkpoints": {},
+            }
+        )
+
+    @staticmethod
+    def _check_schema(manifest: Mapping[str, Any]) -> None:
+        version = manifest.get("schema_version")
+        if not isinstance(version, int):
+            raise StoreError("manifest.json has no integer schema_version; this is not a RunStore")
+        if version > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"store written with schema version {version}, newer than this lightning-tda "
+                f"reads ({SCHEMA_VERSION}); upgrade lightning-tda to read it"
+            )
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The manifest as a fresh dict (read from storage every time)."""
+        with self._fs.open(self._join("manifest.json"), "r") as f:
+            return json.load(f)
+
+    def _write_manifest(self, manifest: Mapping[str, Any]) -> None:
+        text = json.dumps(manifest, indent=2, sort_keys=True)
+        target = self._join("manifest.json")
+        if self._is_local:
+            tmp = f"{target}.{os.getpid()}.partial"
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        else:
+            with self._fs.open(target, "w") as f:
+                f.write(text)
+
+    def update_manifest(self, update: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """Read, modify in place with ``update(manifest)``, and atomically write the manifest.
+
+        Only one process may update the manifest of a store (rank 0 under DDP).
+        """
+        manifest = self.manifest
+        update(manifest)
+        self._write_manifest(manifest)
+        return manifest
+
+    def set_fingerprint(self, split: str, fingerprint: Mapping[str, Any], write: bool = True) -> None:
+        """Record ``split``'s dataset fingerprint, or check it equals the one recorded.
+
+        Raises :class:`FingerprintMismatchError` naming both datasets when they differ.
+        """
+        validate_name(split, "split name")
+        recorded = self.manifest["fingerprints"].get(split)
+        if recorded is not None:
+            if dict(recorded) != dict(fingerprint):
+                raise FingerprintMismatchError(
+                    f"the RunStore at {self.path} was recorded for another '{split}' dataset "
+                    f"(size {recorded.get('size')}, labels sha256 {str(recorded.get('labels_sha256'))[:12]}...) "
+                    f"than the one given (size {fingerprint.get('size')}, labels sha256 "
+                    f"{str(fingerprint.get('labels_sha256'))[:12]}...); use a new store path for this "
+                    "dataset, or the dataset the store was recorded on"
+                )
+            return
+        if write:
+            self.update_manifest(lambda m: m["fingerprints"].__setitem__(split, dict(fingerprint)))
+
+    # ------------------------------------------------------------------ arrays
+    def has_array(self, name: str) -> bool:
+        try:
+            return isinstance(self._group.get(name), zarr.Array)
+        except (KeyError, ValueError):
+            return False
+
+    def array_names(self) -> list[str]:
+        """Names of every data array (completion masks excluded), sorted."""
+        names: list[str] = []
+
+        def walk(group: zarr.Group, prefix: str) -> None:
+            for key, member in group.members():
+                full = f"{prefix}{key}"
+                if full == "_complete":
+                    continue
+                if isinstance(member, zarr.Array):
+                    names.append(full)
+                else:
+                    walk(member, full + "/")
+
+        walk(self._group, "")
+        return sorted(names)
+
+    def layout(self, name: str) -> ArrayLayout:
+        """The layout of array ``name`` (shape read fresh from storage)."""
+        arr = self._array(name)
+        attrs = arr.attrs
+        return ArrayLayout(name, tuple(arr.shape), str(arr.dtype), attrs["row_axis"], attrs["block_rows"])
+
+    def _array(self, name: str) -> zarr.Array:
+        try:
+            arr = zarr.open_array(self._zarr_url(), path=name, mode="r+")
+        except (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError, zarr.errors.ArrayNotFoundError) as err:  # type: ignore[attr-defined]
+            raise StoreError(
+                f"the RunStore at {self.path} has no array {name!r}; it has {self.array_names()}"
+            ) from err
+        return arr
+
+    def _mask(self, name: str) -> zarr.Array:
+        return zarr.open_array(self._zarr_url(), path=f"_complete/{name}", mode="r+")
+
+    def ensure_array(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        dtype: str | np.dtype,
+        *,
+        row_axis: int = 0,
+        block_rows: int = 1024,
+    ) -> ArrayLayout:
+        """Create array ``name`` (filled with NaN/0) and its completion mask, or check the existing
+        one has this shape (the row axis's leading axes may have grown) and dtype."""
+        dtype = np.dtype(dtype)
+        if any(int(s) < 0 for s in shape) or not 0 <= row_axis < len(shape):
+            raise ValueError(f"bad shape {shape} / row_axis {row_axis} for array {name!r}")
+        if shape[row_axis] == 0:
+            raise ValueError(f"array {name!r} would have no rows (shape {shape}); is the dataset empty?")
+        for part in name.split("/"):
+            validate_name(part, "array name part")
+        if self.has_array(name):
+            layout = self.layout(name)
+            if layout.dtype != str(dtype) or layout.shape[row_axis:] != tuple(shape[row_axis:]):
+                raise StoreError(
+                    f"array {name!r} in {self.path} has shape {layout.shape} and dtype {layout.dtype}, "
+                    f"but {tuple(shape)} / {dtype} was asked for; record into a new store"
+                )
+            return layout
+        block_rows = int(max(1, min(block_rows, shape[row_axis])))
+        chunks = tuple(
+            block_rows if axis == row_axis else (1 if axis < row_axis else max(1, s))
+            for axis, s in enumerate(shape)
+        )
+        fill = np.nan if dtype.kind == "f" else 0
+        arr = self._group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill)
+        arr.attrs.update({"row_axis": row_axis, "block_rows": block_rows})
+        n_blocks = math.ceil(shape[row_axis] / block_rows)
+        mask_shape = tuple(shape[:row_axis]) + (n_blocks,)
+        self._group.create_array(
+            f"_complete/{name}", shape=mask_shape, chunks=(1,) * len(mask_shape), dtype=bool,
+            fill_value=False,
+        )
+        return self.layout(name)
+
+    def grow(self, name: str, n_leading: int) -> None:
+        """Grow axis 0 of an array whose row axis is 1 (a new record of margins) to ``n_leading``."""
+        layout = self.layout(name)
+        if layout.row_axis == 0:
+            raise StoreError(f"array {name!r} has its rows on axis 0; only leading axes grow")
+        if n_leading <= layout.shape[0]:
+            return
+        self._array(name).resize((n_leading, *layout.shape[1:]))
+        mask = self._mask(name)
+        mask.resize((n_leading, *mask.shape[1:]))
+
+    def write_block(self, name: str, start: int, values: np.ndarray | torch.Tensor, lead: tuple[int, ...] = ()) -> None:
+        """Write rows ``[start, start + len(values))`` (at leading index ``lead``), then mark the
+        block complete. ``start`` must be a block boundary and the rows a whole block."""
+        layout = self.layout(name)
+        if isinstance(values, torch.Tensor):
+            values = values.detach().cpu().numpy()
+        values = np.asarray(values)
+        if start % layout.block_rows:
+            raise StoreError(f"write to {name!r} starts at row {start}, not a block boundary")
+        block = start // layout.block_rows
+        lo, hi = layout.block_range(block)
+        if len(lead) != layout.row_axis or values.shape[0] != hi - lo:
+            raise StoreError(
+                f"write to {name!r} block {block} needs {hi - lo} rows at a leading index of "
+                f"{layout.row_axis} axes, got {values.shape[0]} rows at {lead}"
+            )
+        index = tuple(lead) + (slice(lo, hi),)
+        self._array(name)[index] = values.astype(layout.dtype, copy=False)
+        self._mask(name)[tuple(lead) + (block,)] = True
+
+    def completed_blocks(self, name: str, lead: tuple[int, ...] = ()) -> np.ndarray:
+        """Completion flags of every block (at leading index ``lead``)."""
+        mask = self._mask(name)[tuple(lead)]
+        return np.asarray(mask, dtype=bool)
+
+    def incomplete_blocks(self, name: str, lead: tuple[int, ...] = ()) -> list[tuple[int, int]]:
+        """Row ranges ``(start, stop)`` not yet written (at leading index ``lead``)."""
+        layout = self.layout(name)
+        done = self.completed_blocks(name, lead).reshape(-1, layout.n_blocks)
+        todo = ~done.all(axis=0) if done.ndim > 1 else ~done
+        return [layout.block_range(int(b)) for b in np.flatnonzero(todo)]
+
+    def is_complete(self, name: str) -> bool:
+        """Whether every block of ``name`` (at every leading index) has been written."""
+        return bool(np.asarray(self._mask(name)[...]).all())
+
+    def read(self, name: str, rows: slice | None = None, lead: tuple[int, ...] = ()) -> np.ndarray:
+        """Read ``name`` (rows along the row axis, at leading index ``lead``) as a numpy array.
+
+        Incomplete blocks read as NaN (float) or 0; check :meth:`is_complete` first when it matters.
+        """
+        layout = self.layout(name)
+        index = tuple(lead) + (slice(None),) * (layout.row_axis - len(lead)) + (rows or slice(None),)
+        return np.asarray(self._array(name)[index])
+
+    def iter_row_blocks(self, name: str, block_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(start, rows)`` blocks along the row axis so arrays larger than memory stream."""
+        layout = self.layout(name)
+        step = block_rows or layout.block_rows
+        for start in range(0, layout.n_rows, step):
+            yield start, self.read(name, slice(start, min(start + step, layout.n_rows)))
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_path(self, tag: str) -> str:
+        return self._join("checkpoints", validate_name(tag, "checkpoint tag") + ".safetensors")
+
+    def save_checkpoint(
+        self, tag: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
+    ) -> None:
+        """Save tensors as safetensors (pickle-free) and list the checkpoint in the manifest."""
+        metadata = dict(metadata or {})
+        flat = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+        blob = save_safetensors(flat, metadata={"lightning_tda": json.dumps(metadata, sort_keys=True)})
+        target = self._checkpoint_path(tag)
+        if self._is_local:
+            tmp = f"{target}.{os.getpid()}.partial"
+            with open(tmp, "wb") as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        else:
+            with self._fs.open(target, "wb") as f:
+                f.write(blob)
+        self.update_manifest(lambda m: m["checkpoints"].__setitem__(tag, metadata))
+
+    def load_checkpoint(self, tag: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Load checkpoint ``tag``: ``(tensors, metadata)``. Never unpickles."""
+        path = self._checkpoint_path(tag)
+        if not self._fs.exists(path):
+            raise StoreError(
+                f"no checkpoint {tag!r} in {self.path}; it has {self.checkpoint_tags()}"
+            )
+        with self._fs.open(path, "rb") as f:
+            blob = f.read()
+        tensors = load_safetensors(blob)
+        header_len = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8 : 8 + header_len])
+        meta = json.loads(header.get("__metadata__", {}).get("lightning_tda", "{}"))
+        return tensors, meta
+
+    def checkpoint_tags(self) -> list[str]:
+        """Checkpoint tags in the order they were recorded (by global step)."""
+        ckpts = self.manifest["checkpoints"]
+        return sorted(ckpts, key=lambda t: (ckpts[t].get("global_step", 0), t))
+
+    # ------------------------------------------------------------------ summary
+    def summary(self) -> str:
+        """A few readable lines: what was recorded, its shape and completeness."""
+        m = self.manifest
+        lines = [f"RunStore {self.path} (schema {m['schema_version']}, run {m.get('run_name')})"]
+        for split, fp in sorted(m["fingerprints"].items()):
+            lines.append(f"  dataset {split}: {fp['size']} examples")
+        for name in self.array_names():
+            layout = self.layout(name)
+            state = "complete" if self.is_complete(name) else "INCOMPLETE"
+            lines.append(f"  {name}: {layout.shape} {layout.dtype} [{state}]")
+        tags = self.checkpoint_tags()
+        if tags:
+            lines.append(f"  checkpoints: {len(tags)} ({', '.join(tags[:4])}{', ...' if len(tags) > 4 else ''})")
+        return "\n".join(lines)

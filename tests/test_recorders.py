@@ -1,0 +1,202 @@
+"""MarginRecorder and CheckpointRecorder driving a real Trainer on digits."""
+
+import json
+import warnings
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_tda.callbacks import CheckpointRecorder, MarginRecorder
+from lightning_tda.data import BatchParseError, DigitsDataModule
+from lightning_tda.models import DigitsCNN, ImageClassifier
+from lightning_tda.outputs import margin_from_logits
+from lightning_tda.store import SCHEMA_VERSION, FingerprintMismatchError, RunStore, SchemaVersionError, StoreError
+
+from conftest import trainer_kwargs
+
+
+def small_dm(**kw):
+    return DigitsDataModule(batch_size=32, n_train=256, **kw)
+
+
+def fit(tmp_path, callbacks, epochs=2, model=None, dm=None, seed=0):
+    L.seed_everything(seed, verbose=False)
+    model = model or ImageClassifier(DigitsCNN(width=8), lr=0.05)
+    trainer = L.Trainer(max_epochs=epochs, callbacks=callbacks, **trainer_kwargs(tmp_path))
+    trainer.fit(model, dm or small_dm())
+    return model
+
+
+def snapshot(store: RunStore) -> dict:
+    arrays = {name: store.read(name) for name in store.array_names()}
+    return {"manifest": store.manifest, "arrays": arrays}
+
+
+def assert_same_snapshot(a, b):
+    assert a["manifest"] == b["manifest"]
+    assert a["arrays"].keys() == b["arrays"].keys()
+    for k in a["arrays"]:
+        np.testing.assert_array_equal(a["arrays"][k], b["arrays"][k])
+
+
+def test_margins_equal_recomputation_from_checkpoints(tmp_path):
+    store_path = tmp_path / "store"
+    fit(tmp_path, [MarginRecorder(store_path, block_rows=100, batch_size=64), CheckpointRecorder(store_path)], epochs=3)
+    store = RunStore(store_path, create=False)
+    records = store.manifest["records"]["margins"]
+    assert [r["tag"] for r in records] == ["epoch=0", "epoch=1", "epoch=2"]  # fit_end is the same step
+    tags = store.checkpoint_tags()
+    assert len(tags) == 3
+    dm = small_dm()
+    dm.setup()
+    for record, tag in zip(records, tags):
+        tensors, meta = store.load_checkpoint(tag)
+        assert meta["global_step"] == record["global_step"]
+        assert meta["learning_rates"] == [[0.05]]
+        module = ImageClassifier(DigitsCNN(width=8))
+        module.load_state_dict(tensors)
+        module.eval()
+        for split in ("train", "val"):
+            ds = dm.recording_dataset(split)
+            with torch.no_grad():
+                logits = module(ds.images)
+            recorded = store.read(f"margins/{split}", lead=(record["index"],))
+            np.testing.assert_allclose(recorded, margin_from_logits(logits, ds.targets).numpy(), atol=1e-5, rtol=1e-5)
+            np.testing.assert_array_equal(store.read(f"preds/{split}", lead=(record["index"],)), logits.argmax(1).numpy())
+    assert store.is_complete("margins/train") and store.manifest["fingerprints"]["train"]["size"] == 256
+
+
+def test_recording_does_not_change_training(tmp_path):
+    plain = fit(tmp_path / "a", [])
+    recorded = fit(
+        tmp_path / "b",
+        [MarginRecorder(tmp_path / "s", embeddings="model.fc1", block_rows=64), CheckpointRecorder(tmp_path / "s", every_n_steps=3)],
+    )
+    for (name, a), (_, b) in zip(plain.state_dict().items(), recorded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert recorded.training  # mode restored
+    store = RunStore(tmp_path / "s", create=False)
+    assert store.read("embeddings/val").shape == (2, 359, 64)
+
+
+def test_schedules(tmp_path):
+    store_path = tmp_path / "s"
+    fit(tmp_path, [MarginRecorder(store_path, splits=("val",), every_n_epochs=None, at_epochs=[1], on_fit_end=True),
+                   CheckpointRecorder(store_path, every_n_epochs=2, on_fit_end=False)], epochs=3)
+    store = RunStore(store_path, create=False)
+    assert [r["tag"] for r in store.manifest["records"]["margins"]] == ["epoch=1", "fit_end"]
+    assert store.checkpoint_tags() == ["epoch=1-step=16"]
+    assert "margins/train" not in store.array_names()
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def recorded_store(tmp_path):
+    """A store with one good run in it, to check that failures leave it intact."""
+    path = tmp_path / "store"
+    fit(tmp_path / "first", [MarginRecorder(path, splits=("val",), on_fit_end=False)], epochs=1)
+    return path
+
+
+class DictDM(L.LightningDataModule):
+    def __init__(self, n=64, key="image"):
+        super().__init__()
+        x = torch.rand(n, 1, 8, 8)
+        y = torch.randint(0, 10, (n,))
+        self.ds = [{key: x[i], "label": y[i]} for i in range(n)]
+
+    def train_dataloader(self):
+        return DataLoader(self.ds, batch_size=16)
+
+
+class DictClassifier(ImageClassifier):
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(batch["image"]), batch["label"])
+
+
+def test_unparseable_batch_hints_batch_fn(tmp_path):
+    rec = MarginRecorder(tmp_path / "s", splits=("train",))
+    with pytest.raises(BatchParseError, match="batch_fn"):
+        fit(tmp_path, [rec], model=DictClassifier(DigitsCNN(width=4)), dm=DictDM())
+    # with a batch_fn it records
+    rec = MarginRecorder(tmp_path / "s2", splits=("train",), batch_fn=lambda b: (b["image"], b["label"]))
+    fit(tmp_path, [rec], model=DictClassifier(DigitsCNN(width=4)), dm=DictDM(), epochs=1)
+    assert RunStore(tmp_path / "s2", create=False).is_complete("margins/train")
+
+
+def test_labels_out_of_range(tmp_path, recorded_store):
+    before = snapshot(RunStore(recorded_store, create=False))
+    labels = torch.randint(0, 10, (64,))
+    labels[37] = 12
+    bad = TensorDataset(torch.rand(64, 1, 8, 8), labels)
+    rec = MarginRecorder(tmp_path / "s", splits=("bad",), datasets={"bad": bad})
+    with pytest.raises(ValueError, match=r"labels out of range \[0, 10\).*values \[12\]"):
+        fit(tmp_path, [rec], epochs=1)
+    # the same failure against a store holding a good run leaves that run as it was
+    rec = MarginRecorder(recorded_store, splits=("val", "bad"), datasets={"bad": bad})
+    with pytest.raises(ValueError, match="out of range"):
+        fit(tmp_path, [rec], epochs=1)
+    after = snapshot(RunStore(recorded_store, create=False))
+    np.testing.assert_array_equal(before["arrays"]["margins/val"][0], after["arrays"]["margins/val"][0])
+
+
+def test_output_fn_of_wrong_shape(tmp_path, recorded_store):
+    before = snapshot(RunStore(recorded_store, create=False))
+    rec = MarginRecorder(recorded_store, splits=("val",), output_fn=lambda m, x, y: m(x))
+    with pytest.raises(ValueError, match="one scalar per example"):
+        fit(tmp_path, [rec], epochs=1)
+    assert_same_snapshot(before, snapshot(RunStore(recorded_store, create=False)))
+
+
+def test_store_of_another_dataset(tmp_path, recorded_store):
+    before = snapshot(RunStore(recorded_store, create=False))
+    with pytest.raises(FingerprintMismatchError, match="another 'val' dataset"):
+        fit(tmp_path, [MarginRecorder(recorded_store, splits=("val",))], dm=small_dm(split_seed=3))
+    assert_same_snapshot(before, snapshot(RunStore(recorded_store, create=False)))
+
+
+def test_store_of_newer_schema(tmp_path, recorded_store):
+    manifest_path = recorded_store / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["schema_version"] = SCHEMA_VERSION + 5
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(SchemaVersionError, match="upgrade"):
+        fit(tmp_path, [MarginRecorder(recorded_store, splits=("val",))])
+    assert json.loads(manifest_path.read_text()) == manifest
+
+
+def test_unwritable_store_path(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="writable"):
+        fit(tmp_path, [MarginRecorder(blocker / "store")])
+
+
+def test_empty_dataset(tmp_path):
+    rec = MarginRecorder(tmp_path / "s", splits=("train", "empty"), datasets={"empty": TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))})
+    with pytest.raises(ValueError, match="'empty' dataset is empty"):
+        fit(tmp_path, [rec])
+
+
+def test_missing_embedding_layer_lists_names(tmp_path):
+    with pytest.raises(ValueError, match="layers are: .*model.fc1"):
+        fit(tmp_path, [MarginRecorder(tmp_path / "s", embeddings="model.nope")])
+
+
+def test_nan_outputs_are_recorded_and_reported(tmp_path):
+    def nan_margin(module, x, y):
+        out = margin_from_logits(module(x), y)
+        out[::50] = float("nan")
+        return out
+
+    rec = MarginRecorder(tmp_path / "s", splits=("val",), output_fn=nan_margin, on_fit_end=False)
+    with pytest.warns(RuntimeWarning, match=r"non-finite outputs in split 'val'.*examples \[0, 50"):
+        fit(tmp_path, [rec], epochs=1)
+    values = RunStore(tmp_path / "s", create=False).read("outputs/val")[0]
+    assert np.isnan(values[::50]).all() and np.isfinite(values[1::50]).all()
+    assert rec.nonfinite_count == len(values[::50])

@@ -1,0 +1,136 @@
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_tda.store import (
+    SCHEMA_VERSION,
+    FingerprintMismatchError,
+    RunStore,
+    SchemaVersionError,
+    StoreError,
+    rank_blocks,
+    validate_name,
+)
+
+
+def test_row_blocks_and_completion(tmp_path):
+    store = RunStore(tmp_path / "run")
+    store.ensure_array("grads/train/a", (10, 3), "float32", block_rows=4)
+    assert store.incomplete_blocks("grads/train/a") == [(0, 4), (4, 8), (8, 10)]
+    store.write_block("grads/train/a", 8, np.ones((2, 3)))
+    store.write_block("grads/train/a", 0, np.zeros((4, 3)))
+    assert store.incomplete_blocks("grads/train/a") == [(4, 8)]
+    assert not store.is_complete("grads/train/a")
+    assert np.isnan(store.read("grads/train/a")[4:8]).all()
+    store.write_block("grads/train/a", 4, np.full((4, 3), 2.0))
+    assert store.is_complete("grads/train/a")
+    blocks = list(store.iter_row_blocks("grads/train/a", 3))
+    assert [s for s, _ in blocks] == [0, 3, 6, 9]
+    np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), store.read("grads/train/a"))
+    # reopening sees the same
+    again = RunStore(tmp_path / "run", create=False)
+    assert again.is_complete("grads/train/a")
+
+
+def test_records_axis_grows(tmp_path):
+    store = RunStore(tmp_path / "run")
+    store.ensure_array("margins/val", (1, 5), "float32", row_axis=1, block_rows=2)
+    store.write_block("margins/val", 0, np.arange(2), lead=(0,))
+    store.grow("margins/val", 2)
+    assert store.incomplete_blocks("margins/val", lead=(1,)) == [(0, 2), (2, 4), (4, 5)]
+    assert store.incomplete_blocks("margins/val", lead=(0,)) == [(2, 4), (4, 5)]
+    assert store.read("margins/val").shape == (2, 5)
+
+
+def test_block_writes_must_be_whole_blocks(tmp_path):
+    store = RunStore(tmp_path / "run")
+    store.ensure_array("x", (10,), "float32", block_rows=4)
+    with pytest.raises(StoreError, match="block boundary"):
+        store.write_block("x", 2, np.zeros(4))
+    with pytest.raises(StoreError, match="needs 4 rows"):
+        store.write_block("x", 0, np.zeros(3))
+
+
+def test_rank_blocks_partition():
+    for n in (1, 2, 7, 10):
+        for w in (1, 2, 3):
+            got = [b for r in range(w) for b in rank_blocks(n, r, w)]
+            assert got == list(range(n))
+
+
+def test_checkpoints_round_trip_exactly_without_unpickling(tmp_path, monkeypatch):
+    store = RunStore(tmp_path / "run")
+    tensors = {"w": torch.randn(3, 4), "b": torch.arange(5), "h": torch.randn(2).half()}
+    store.save_checkpoint("epoch=1-step=10", tensors, {"epoch": 1, "global_step": 10, "learning_rates": [[0.1]]})
+
+    def no_unpickling(*a, **k):
+        raise AssertionError("something was unpickled")
+
+    monkeypatch.setattr(pickle, "loads", no_unpickling)
+    monkeypatch.setattr(pickle, "load", no_unpickling)
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    loaded, meta = RunStore(tmp_path / "run", create=False).load_checkpoint("epoch=1-step=10")
+    assert meta == {"epoch": 1, "global_step": 10, "learning_rates": [[0.1]]}
+    for k, v in tensors.items():
+        assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v)
+    assert store.checkpoint_tags() == ["epoch=1-step=10"]
+    with pytest.raises(StoreError, match="no checkpoint"):
+        store.load_checkpoint("epoch=9-step=9")
+
+
+def test_newer_schema_is_refused(tmp_path):
+    RunStore(tmp_path / "run")
+    path = tmp_path / "run" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["schema_version"] = SCHEMA_VERSION + 1
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(SchemaVersionError, match="upgrade lightning-tda"):
+        RunStore(tmp_path / "run")
+    assert json.loads(path.read_text())["schema_version"] == SCHEMA_VERSION + 1  # untouched
+
+
+def test_fingerprint_mismatch_names_both(tmp_path):
+    store = RunStore(tmp_path / "run")
+    store.set_fingerprint("train", {"size": 10, "labels_sha256": "aa"})
+    store.set_fingerprint("train", {"size": 10, "labels_sha256": "aa"})
+    with pytest.raises(FingerprintMismatchError, match="size 10.*size 11.*new store path"):
+        store.set_fingerprint("train", {"size": 11, "labels_sha256": "bb"})
+    assert store.manifest["fingerprints"]["train"]["size"] == 10
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_path_non_root(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(StoreError, match="writable"):
+        RunStore(locked / "run")
+
+
+def test_unwritable_path(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StoreError, match="writable directory"):
+        RunStore(blocker / "run")
+
+
+def test_missing_store_and_names():
+    with pytest.raises(StoreError, match="record one first"):
+        RunStore("memory://nothing/here", create=False)
+    for bad in ["../x", "a/b", "", ".hidden", "a\\b"]:
+        with pytest.raises(ValueError, match="no path separators"):
+            validate_name(bad)
+
+
+def test_fsspec_url_store():
+    store = RunStore("memory://lightning-tda-test/run")
+    store.ensure_array("preds/val", (1, 3), "int64", row_axis=1, block_rows=2)
+    store.write_block("preds/val", 0, np.array([4, 5]), lead=(0,))
+    store.save_checkpoint("t", {"w": torch.ones(2)})
+    again = RunStore("memory://lightning-tda-test/run", create=False)
+    assert again.read("preds/val")[0, :2].tolist() == [4, 5]
+    assert torch.equal(again.load_checkpoint("t")[0]["w"], torch.ones(2))
+    assert "preds/val" in again.summary()
