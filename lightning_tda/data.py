@@ -164,6 +164,7 @@ class DigitsDataModule(L.LightningDataModule):
         augment: bool = False,
         num_workers: int = 0,
         n_train: int | None = None,
+        shuffle: bool = True,
     ) -> None:
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
@@ -174,6 +175,7 @@ class DigitsDataModule(L.LightningDataModule):
         self.augment = augment
         self.num_workers = num_workers
         self.n_train = n_train
+        self.shuffle = shuffle
         self.train_dataset: TensorImageDataset | None = None
         self.val_dataset: TensorImageDataset | None = None
 
@@ -193,7 +195,7 @@ class DigitsDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup()
         return DataLoader(
-            self.train_dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers
+            self.train_dataset, batch_size=self.batch_size, shuffle=self.shuffle, num_workers=self.num_workers
         )
 
     def val_dataloader(self) -> DataLoader:

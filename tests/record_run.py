@@ -1,0 +1,82 @@
+"""A training run with both recorders, used by the kill-and-resume tests as a subprocess.
+
+    python tests/record_run.py ROOT [--kill-at N --kill-phase before|between|after] [--resume]
+
+With ``--kill-at N`` the process SIGKILLs itself at the N-th block write of the store, before the
+values, between the values and the completion flag, or after both (``--kill-phase``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_tda.callbacks import CheckpointRecorder, MarginRecorder
+from lightning_tda.data import DigitsDataModule
+from lightning_tda.models import DigitsCNN, ImageClassifier
+from lightning_tda.store import RunStore
+
+
+def install_kill_switch(kill_at: int, phase: str) -> None:
+    original_write = RunStore.write_block
+    original_mask = RunStore._mask
+    calls = {"n": 0, "armed": False}
+
+    def write_block(self, name, start, values, lead=()):
+        calls["n"] += 1
+        if calls["n"] == kill_at:
+            if phase == "before":
+                os.kill(os.getpid(), signal.SIGKILL)
+            calls["armed"] = True
+        original_write(self, name, start, values, lead)
+        if calls["armed"] and phase == "after":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def mask(self, name):
+        if calls["armed"] and phase == "between":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original_mask(self, name)
+
+    RunStore.write_block = write_block  # type: ignore[method-assign]
+    RunStore._mask = mask  # type: ignore[method-assign]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--kill-at", type=int, default=0)
+    parser.add_argument("--kill-phase", choices=["before", "between", "after"], default="before")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    if args.kill_at:
+        install_kill_switch(args.kill_at, args.kill_phase)
+    L.seed_everything(0, verbose=False)
+    store = args.root / "store"
+    last = args.root / "ckpts" / "last.ckpt"
+    trainer = L.Trainer(
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        default_root_dir=str(args.root),
+        callbacks=[
+            MarginRecorder(store, block_rows=40, batch_size=20, embeddings="model.fc1"),
+            CheckpointRecorder(store),
+            ModelCheckpoint(dirpath=args.root / "ckpts", save_last=True, save_top_k=0),
+        ],
+    )
+    ckpt = str(last) if args.resume and last.exists() else None
+    trainer.fit(ImageClassifier(DigitsCNN(width=8), lr=0.05), DigitsDataModule(batch_size=32, n_train=200), ckpt_path=ckpt)
+
+
+if __name__ == "__main__":
+    main()
