@@ -1,0 +1,267 @@
+"""BlockRecorder: the shared machinery of recorders that write per-example rows in blocks.
+
+A *record* is one pass over every split's dataset at one point of training (an epoch end, the end
+of fit). Its life: rank 0 *declares* it (creates or grows its arrays, lists it in the manifest),
+then every rank *writes* its contiguous range of row blocks that are not complete yet. A crash
+leaves some blocks incomplete; resuming finishes them, either when training reaches the same step
+again or, when the Lightning checkpoint was taken at the record's step, right at the start of fit.
+
+Subclasses say which arrays a record has (:meth:`array_specs`) and compute one batch of rows
+(:meth:`compute_batch`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+from typing_extensions import override
+
+from lightning_tda.callbacks.recording import (
+    RecordSchedule,
+    as_store,
+    find_datasets,
+    isolated_eval,
+    iter_batches,
+    model_description,
+    open_store,
+    world,
+)
+from lightning_tda.data import BatchFn, BatchParser, dataset_fingerprint
+from lightning_tda.store import RunStore, StoreError, rank_blocks
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array a record writes: rows along ``row_axis`` (after the ``lead`` index)."""
+
+    name: str
+    trailing: tuple[int, ...]
+    dtype: str
+    lead: tuple[int, ...] = ()
+
+
+class BlockRecorder(Callback):
+    """Base class: scheduling, datasets, fingerprints, DDP division of row blocks, resume."""
+
+    records_key: str = "records"
+
+    def __init__(
+        self,
+        store: RunStore | str,
+        splits: Sequence[str],
+        schedule: RecordSchedule,
+        batch_fn: BatchFn | None,
+        datasets: Mapping[str, Dataset] | None,
+        batch_size: int,
+        block_rows: int,
+    ) -> None:
+        if isinstance(splits, str) or not splits:
+            raise ValueError(f"splits must be a non-empty sequence of split names, got {splits!r}")
+        if batch_size < 1 or block_rows < 1:
+            raise ValueError(f"batch_size and block_rows must be positive, got {batch_size} and {block_rows}")
+        self.store_arg = as_store(store)
+        self.splits = tuple(splits)
+        self.schedule = schedule
+        self.parser = BatchParser(batch_fn=batch_fn)
+        self.explicit_datasets = dict(datasets) if datasets else None
+        self.batch_size = batch_size
+        self.block_rows = block_rows
+        self.store: RunStore | None = None
+        self.datasets: dict[str, Dataset] = {}
+        self._restored_step: int | None = None
+        self._nonfinite = 0
+
+    # ------------------------------------------------------------------ for subclasses
+    needs_grad: bool = False
+
+    def array_specs(self, split: str, record: Mapping[str, Any], probe: Sequence[Tensor]) -> list[ArraySpec]:
+        """The arrays of ``record`` for ``split``, in the order :meth:`compute_batch` returns
+        columns; ``probe`` is that output for one example. The last array is written last."""
+        raise NotImplementedError
+
+    def compute_batch(self, module: nn.Module, x: Tensor, y: Tensor) -> list[Tensor]:
+        """One column per array, each ``[batch, ...]``; the last one is checked for NaN/inf."""
+        raise NotImplementedError
+
+    def describe_record(self, trainer: L.Trainer) -> dict[str, Any]:
+        """Extra fields of a record's manifest entry."""
+        return {}
+
+    def validate_setup(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Checks that need the module or the store (raise before training starts)."""
+
+    # ------------------------------------------------------------------ lightning hooks
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(store=str(self.store_arg), splits=self.splits)
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.store = open_store(self.store_arg, trainer)
+        self.datasets = find_datasets(trainer, self.splits, self.explicit_datasets)
+        fingerprints = {s: dataset_fingerprint(d, self.parser.batch_fn) for s, d in self.datasets.items()}
+        for split, fp in fingerprints.items():  # every rank checks, so every rank raises alike
+            self.store.set_fingerprint(split, fp, write=False)
+        self.validate_setup(trainer, pl_module)
+        if trainer.is_global_zero:
+            for split, fp in fingerprints.items():
+                self.store.set_fingerprint(split, fp)
+            if self.store.manifest.get("model") is None:
+                self.store.update_manifest(lambda m: m.__setitem__("model", model_description(pl_module)))
+        trainer.strategy.barrier(f"{type(self).__name__}.setup")
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Fail before training, not after an epoch: one small batch per split through the pass.
+        for dataset in self.datasets.values():
+            self._probe(pl_module, dataset, rows=min(2, len(dataset)))  # type: ignore[arg-type]
+        # Resuming from a Lightning checkpoint taken at a record's step: finish the record now.
+        if self._restored_step is not None:
+            for record in self.records():
+                if record["global_step"] == self._restored_step:
+                    self._write_record(trainer, pl_module, record)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.schedule.at_epoch_end(trainer.current_epoch):
+            self.record(trainer, pl_module, self.epoch_tag(trainer))
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.schedule.on_fit_end:
+            return
+        if any(r["global_step"] == trainer.global_step for r in self.records()):
+            return  # the last epoch's record already holds these weights
+        self.record(trainer, pl_module, "fit_end")
+
+    @override
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._restored_step = int(checkpoint.get("global_step", 0))
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"store": str(self.store_arg), "splits": list(self.splits)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("store") != str(self.store_arg):
+            warnings.warn(
+                f"resuming a {type(self).__name__} that recorded into {state_dict.get('store')!r}, now "
+                f"pointed at {str(self.store_arg)!r}: earlier records stay in the old store"
+            )
+
+    # ------------------------------------------------------------------ recording
+    def epoch_tag(self, trainer: L.Trainer) -> str:
+        return f"epoch={trainer.current_epoch}"
+
+    def records(self) -> list[dict[str, Any]]:
+        """This recorder's records, as listed in the manifest."""
+        assert self.store is not None, f"{type(self).__name__} used before setup"
+        return list(self.store.manifest["records"].get(self.records_key, []))
+
+    def record(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> None:
+        """Take (or finish) the record ``tag`` of the current weights."""
+        assert self.store is not None, f"{type(self).__name__}.record called before setup"
+        if trainer.is_global_zero:
+            self._declare(trainer, pl_module, tag)
+        trainer.strategy.barrier(f"{type(self).__name__}.declare")
+        record = next(r for r in self.records() if r["tag"] == tag)
+        if record["global_step"] != trainer.global_step:
+            raise StoreError(
+                f"the store already holds record {tag!r} at global step {record['global_step']}, but "
+                f"training is at step {trainer.global_step}: this store belongs to another run; "
+                "record into a new store path"
+            )
+        self._write_record(trainer, pl_module, record)
+
+    def _probe(self, pl_module: nn.Module, dataset: Dataset, rows: int = 1) -> list[Tensor]:
+        with isolated_eval(pl_module, grad=self.needs_grad):
+            _, x, y = next(iter_batches(dataset, 0, rows, rows, self.parser, pl_module.device))  # type: ignore[arg-type]
+            return self.compute_batch(pl_module, x, y)
+
+    def _specs(self, pl_module: nn.Module, record: Mapping[str, Any]) -> dict[str, list[ArraySpec]]:
+        return {
+            split: self.array_specs(split, record, self._probe(pl_module, dataset))
+            for split, dataset in self.datasets.items()
+        }
+
+    def _declare(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> None:
+        """Rank 0: create or grow the record's arrays, then list it in the manifest."""
+        assert self.store is not None
+        records = self.records()
+        existing = [r for r in records if r["tag"] == tag]
+        entry = existing[0] if existing else {
+            "tag": tag,
+            "index": len(records),
+            "epoch": int(trainer.current_epoch),
+            "global_step": int(trainer.global_step),
+            "splits": list(self.splits),
+            **self.describe_record(trainer),
+        }
+        for split, specs in self._specs(pl_module, entry).items():
+            n = len(self.datasets[split])  # type: ignore[arg-type]
+            for spec in specs:
+                lead = tuple(i + 1 for i in spec.lead)
+                shape = (*lead, n, *spec.trailing)
+                self.store.ensure_array(spec.name, shape, spec.dtype, row_axis=len(lead), block_rows=self.block_rows)
+                if lead:
+                    self.store.grow(spec.name, max(lead[0], self.store.layout(spec.name).shape[0]))
+        if not existing:
+            self.store.update_manifest(lambda m: m["records"].setdefault(self.records_key, []).append(entry))
+
+    def _write_record(self, trainer: L.Trainer, pl_module: L.LightningModule, record: Mapping[str, Any]) -> None:
+        """Every rank: compute and write this rank's incomplete row blocks of the record."""
+        assert self.store is not None
+        rank, world_size = world(trainer)
+        specs = self._specs(pl_module, record)
+        nonfinite: dict[str, list[int]] = {}
+        with isolated_eval(pl_module, grad=self.needs_grad):
+            for split, dataset in self.datasets.items():
+                layout = self.store.layout(specs[split][-1].name)
+                todo = {s for spec in specs[split] for s, _ in self.store.incomplete_blocks(spec.name, spec.lead)}
+                for block in rank_blocks(layout.n_blocks, rank, world_size):
+                    start, stop = layout.block_range(block)
+                    if start not in todo:
+                        continue
+                    parts = [
+                        [c.detach().cpu() for c in self.compute_batch(pl_module, x, y)]
+                        for _, x, y in iter_batches(dataset, start, stop, self.batch_size, self.parser, pl_module.device)
+                    ]
+                    columns = [torch.cat(col) for col in zip(*parts)]
+                    last = columns[-1].reshape(len(columns[-1]), -1).float()
+                    bad = torch.nonzero(~torch.isfinite(last).all(1)).flatten()
+                    nonfinite.setdefault(split, []).extend((bad + start).tolist())
+                    for spec, values in zip(specs[split], columns):
+                        self.store.write_block(spec.name, start, values.numpy(), lead=spec.lead)
+        trainer.strategy.barrier(f"{type(self).__name__}.write")
+        self._report_nonfinite(record, nonfinite)
+        if trainer.is_global_zero:
+            rank_zero_info(
+                f"{type(self).__name__}: recorded {record['tag']} (step {record['global_step']}) to {self.store.path}"
+            )
+
+    def _report_nonfinite(self, record: Mapping[str, Any], rows_by_split: Mapping[str, list[int]]) -> None:
+        for split, rows in rows_by_split.items():
+            if rows:
+                self._nonfinite += len(rows)
+                warnings.warn(
+                    f"{type(self).__name__}: {len(rows)} non-finite outputs in split {split!r} at record "
+                    f"{record['tag']} (examples {rows[:10]}{' ...' if len(rows) > 10 else ''}); they are "
+                    "stored as they are (NaN/inf). Check the model for overflow or a bad learning rate.",
+                    RuntimeWarning,
+                )
+
+    @property
+    def nonfinite_count(self) -> int:
+        """How many examples with non-finite values this recorder has seen (and warned about)."""
+        return self._nonfinite

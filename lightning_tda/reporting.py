@@ -1,0 +1,304 @@
+"""Reporting: the one place that talks to loggers.
+
+Every analysis reports through a :class:`Reporter`: matplotlib figures, tables (optionally with a
+column or more of images), image grids and scalar metrics. Everything is always written as plain
+files under the reporter's run directory, so nothing depends on W&B::
+
+    <run_dir>/figures/<name>.png           log_figure, log_image_grid
+    <run_dir>/tables/<name>.csv            log_table
+    <run_dir>/tables/<name>/<column>_<row>.png   the images of a table's image columns
+    <run_dir>/metrics.csv                  log_metrics (long format: step, name, value)
+
+With a Lightning ``WandbLogger`` among the loggers, the same content also goes to W&B in its rich
+form: ``wandb.Image`` for figures, ``wandb.Table`` with ``wandb.Image`` cells for tables, a list of
+captioned ``wandb.Image`` for grids (all through ``logger.log_metrics``, so ``step`` becomes
+``trainer/global_step`` as for Lightning's own metrics). Other loggers receive the scalar metrics.
+
+Offline W&B runs keep a table's images in the run's artifact staging area (``wandb sync``
+uploads them); the PNG files above are the copy that is always there.
+
+Only global rank zero writes or logs; on other ranks every method does nothing and returns None.
+Nothing is read from the environment and nothing of it is logged.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+from matplotlib.figure import Figure
+from PIL import Image
+from torch import Tensor
+
+from lightning_tda.store import validate_name
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+ImageLike = Tensor | np.ndarray
+
+
+def to_uint8_image(image: ImageLike) -> np.ndarray:
+    """Convert one image to ``uint8`` [H, W] (grey) or [H, W, 3|4] for PNG files and W&B.
+
+    Accepts tensors or arrays shaped [H, W], [C, H, W] or [H, W, C] with C in 1, 3, 4 (where both
+    readings fit, channels first for tensors and last for numpy arrays). ``uint8``
+    passes through; bool becomes 0/255; floats in [0, 1] are scaled by 255, other floats are
+    min-max scaled per image (so a normalised input still shows).
+    """
+    channels_first = isinstance(image, Tensor)  # each library's convention, when the shape is ambiguous
+    array = image.detach().cpu().numpy() if isinstance(image, Tensor) else np.asarray(image)
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4):
+        if array.shape[-1] not in (1, 3, 4) or channels_first:
+            array = np.moveaxis(array, 0, -1)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(
+            "an image must be [H, W], [C, H, W] or [H, W, C] with C in (1, 3, 4), "
+            f"got shape {array.shape}"
+        )
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    array = array.astype(np.float64)
+    if not np.isfinite(array).all():
+        raise ValueError("an image has non-finite values (NaN or inf)")
+    low, high = float(array.min()), float(array.max())
+    if low < 0 or high > 1:
+        array = (array - low) / (high - low) if high > low else np.zeros_like(array)
+    return np.round(array * 255).astype(np.uint8)
+
+
+def _cell(value: Any) -> Any:
+    """A table cell as a plain Python value (tensors and numpy scalars unwrapped)."""
+    if isinstance(value, Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.item() if value.size == 1 else value.tolist()
+    return value
+
+
+def _is_wandb(logger: Logger) -> bool:
+    from lightning.pytorch.loggers import WandbLogger
+
+    return isinstance(logger, WandbLogger)
+
+
+class Reporter:
+    """Writes figures, tables, image grids and metrics as files under ``run_dir``, and to the
+    given Lightning logger(s): richly to W&B, scalars to any logger.
+
+    Args:
+        run_dir: directory of the files (created on first write).
+        logger: a Lightning ``Logger``, a list of them, or None (files only).
+        dpi: resolution of the figure PNG files.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        logger: Logger | Iterable[Logger] | None = None,
+        dpi: int = 120,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        if logger is None:
+            loggers: list[Logger] = []
+        elif isinstance(logger, Logger):
+            loggers = [logger]
+        else:
+            loggers = list(logger)
+        bad = [type(lg).__name__ for lg in loggers if not isinstance(lg, Logger)]
+        if bad:
+            raise TypeError(f"logger must be a Lightning Logger, a list of them, or None; got {bad}")
+        self.loggers = loggers
+        self.dpi = dpi
+
+    @classmethod
+    def from_trainer(cls, trainer: "pl.Trainer", subdir: str = "reports", **kwargs: Any) -> "Reporter":
+        """A reporter on ``trainer.loggers``, writing under the first logger's run directory
+        (``<save_dir>/<name>/<version>/<subdir>``, where Lightning puts its checkpoints) or
+        ``<default_root_dir>/<subdir>`` without a logger."""
+        validate_name(subdir, "subdir")
+        loggers = list(trainer.loggers)
+        if not loggers:
+            return cls(Path(trainer.default_root_dir) / subdir, None, **kwargs)
+        first = loggers[0]
+        if first.version is None and _is_wandb(first):
+            first.experiment  # starts the run, which gives the version (its id)
+        version = first.version if isinstance(first.version, str) else f"version_{first.version}"
+        base = Path(first.save_dir or trainer.default_root_dir) / str(first.name) / version
+        return cls(base / subdir, loggers, **kwargs)
+
+    @property
+    def wandb_loggers(self) -> list[Logger]:
+        return [lg for lg in self.loggers if _is_wandb(lg)]
+
+    def _path(self, folder: str, name: str, suffix: str) -> Path:
+        path = self.run_dir / folder / f"{validate_name(name)}{suffix}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _to_wandb(self, payload: Mapping[str, Any], step: int | None) -> None:
+        for lg in self.wandb_loggers:
+            lg.log_metrics(dict(payload), step)
+
+    @rank_zero_only
+    def log_figure(self, name: str, fig: Figure, step: int | None = None, close: bool = False) -> Path:
+        """Save ``fig`` as ``figures/<name>.png`` and log that image to W&B under ``name``.
+
+        ``close`` closes the figure afterwards (through pyplot when pyplot manages it).
+        """
+        path = self._path("figures", name, ".png")
+        fig.savefig(path, dpi=self.dpi, bbox_inches="tight")
+        if self.wandb_loggers:
+            import wandb
+
+            self._to_wandb({name: wandb.Image(str(path))}, step)
+        if close:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+        return path
+
+    @rank_zero_only
+    def log_table(
+        self,
+        name: str,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]] | Tensor | np.ndarray,
+        images: Mapping[str, Sequence[ImageLike | None] | Tensor | np.ndarray] | None = None,
+        step: int | None = None,
+    ) -> Path:
+        """Write ``tables/<name>.csv`` and log a ``wandb.Table`` under ``name``.
+
+        Args:
+            columns: names of the value columns.
+            rows: one sequence of values per row (numbers, strings, scalar tensors), or a 2-D array.
+            images: extra image columns, appended after ``columns``: column name -> one image per
+                row (or None for no image). Each image is saved as
+                ``tables/<name>/<column>_<row>.png`` and the CSV cell holds that path relative to
+                the CSV; W&B gets ``wandb.Image`` cells.
+        """
+        columns = [str(c) for c in columns]
+        if isinstance(rows, (Tensor, np.ndarray)):
+            rows = rows.tolist()
+        rows = [[_cell(v) for v in row] for row in rows]
+        for i, row in enumerate(rows):
+            if len(row) != len(columns):
+                raise ValueError(
+                    f"table {name!r}: row {i} has {len(row)} values for {len(columns)} columns"
+                )
+        images = dict(images or {})
+        for column, column_images in images.items():
+            validate_name(column, "image column name")
+            if column in columns:
+                raise ValueError(f"table {name!r}: image column {column!r} is also a value column")
+            if len(column_images) != len(rows):
+                raise ValueError(
+                    f"table {name!r}: image column {column!r} has {len(column_images)} images "
+                    f"for {len(rows)} rows"
+                )
+        csv_path = self._path("tables", name, ".csv")
+        # Image cells: the PNG's path relative to the CSV, or None.
+        cells: list[list[str | None]] = [[] for _ in rows]
+        for column, column_images in images.items():
+            for i, image in enumerate(column_images):
+                cell = None if image is None else f"{name}/{column}_{i}.png"
+                if cell is not None:
+                    (csv_path.parent / name).mkdir(exist_ok=True)
+                    Image.fromarray(to_uint8_image(image)).save(csv_path.parent / cell)
+                cells[i].append(cell)
+        with open(csv_path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(columns + list(images))
+            for row, row_cells in zip(rows, cells):
+                writer.writerow(["" if v is None else v for v in row + row_cells])
+        if self.wandb_loggers:
+            import wandb
+
+            data = [
+                row + [None if c is None else wandb.Image(str(csv_path.parent / c)) for c in row_cells]
+                for row, row_cells in zip(rows, cells)
+            ]
+            self._to_wandb({name: wandb.Table(columns=columns + list(images), data=data)}, step)
+        return csv_path
+
+    @rank_zero_only
+    def log_image_grid(
+        self,
+        name: str,
+        images: Sequence[ImageLike] | Tensor | np.ndarray,
+        captions: Sequence[str] | None = None,
+        nrow: int = 8,
+        step: int | None = None,
+        cmap: str = "gray",
+    ) -> Path:
+        """Save a grid of ``images`` ([n, C, H, W], [n, H, W] or a list of single images), ``nrow``
+        images per row, each under its caption, as ``figures/<name>.png``; log the images to W&B
+        under ``name`` as a captioned gallery."""
+        if isinstance(images, (Tensor, np.ndarray)) and images.ndim not in (3, 4):
+            raise ValueError(
+                f"images must be [n, C, H, W] or [n, H, W], got shape {tuple(images.shape)}"
+            )
+        arrays = [to_uint8_image(image) for image in images]
+        if not arrays:
+            raise ValueError(f"image grid {name!r} has no images")
+        if captions is not None and len(captions) != len(arrays):
+            raise ValueError(f"image grid {name!r}: {len(captions)} captions for {len(arrays)} images")
+        if nrow < 1:
+            raise ValueError(f"nrow must be >= 1, got {nrow}")
+        ncols = min(nrow, len(arrays))
+        nrows = math.ceil(len(arrays) / ncols)
+        fig = Figure(figsize=(1.6 * ncols, (1.6 + (0.3 if captions else 0)) * nrows))
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        for k, ax in enumerate(axes.flat):
+            ax.set_axis_off()
+            if k < len(arrays):
+                grey = arrays[k].ndim == 2
+                ax.imshow(arrays[k], cmap=cmap if grey else None, vmin=0, vmax=255, interpolation="nearest")
+                if captions is not None:
+                    ax.set_title(str(captions[k]), fontsize=8)
+        path = self._path("figures", name, ".png")
+        fig.savefig(path, dpi=self.dpi, bbox_inches="tight")
+        if self.wandb_loggers:
+            import wandb
+
+            gallery = [
+                wandb.Image(array, caption=None if captions is None else str(captions[k]))
+                for k, array in enumerate(arrays)
+            ]
+            self._to_wandb({name: gallery}, step)
+        return path
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float | Tensor], step: int | None = None) -> None:
+        """Append ``metrics`` to ``metrics.csv`` (columns step, name, value) and log them to every
+        logger."""
+        values = {}
+        for key, value in metrics.items():
+            value = _cell(value)
+            if not isinstance(value, (int, float)):
+                raise TypeError(
+                    f"metric {key!r} must be a number or a one-element tensor, got {type(value).__name__}"
+                )
+            values[str(key)] = float(value)
+        path = self.run_dir / "metrics.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        with open(path, "a", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["step", "name", "value"])
+            for key, value in values.items():
+                writer.writerow(["" if step is None else step, key, value])
+        for lg in self.loggers:
+            lg.log_metrics(values, step)

@@ -1,0 +1,31 @@
+"""Every example in examples/ runs in its fast mode on the embedded default."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FAST_EXAMPLES = sorted(p.name for p in (REPO / "examples").glob("*.py") if p.name != "cli_train.py")
+
+
+def run_example(name: str, tmp_path: Path) -> str:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "examples" / name), "--fast"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**__import__("os").environ, "WANDB_MODE": "offline", "MPLBACKEND": "Agg"},
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
+
+
+@pytest.mark.parametrize("name", FAST_EXAMPLES)
+def test_example_runs_fast(name, tmp_path):
+    run_example(name, tmp_path)
+
+
+def test_record_digits_prints_the_store(tmp_path):
+    out = run_example("record_digits.py", tmp_path)
+    assert "margins/val: (2, 359) float32 [complete]" in out
+    assert "checkpoints: 2" in out
