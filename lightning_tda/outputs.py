@@ -24,6 +24,11 @@ OutputFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 OutputName = Literal["margin", "loss", "correct_class_probability"]
 
 
+def _is_transformed(t: Tensor) -> bool:
+    """Whether ``t`` is wrapped by a torch.func transform (vmap/grad), where ``.item()`` fails."""
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
 def check_labels(logits: Tensor, y: Tensor) -> None:
     """Raise a clear error when ``logits`` is not [batch, classes] or ``y`` is out of range."""
     if logits.ndim != 2:
@@ -38,6 +43,8 @@ def check_labels(logits: Tensor, y: Tensor) -> None:
         )
     if y.dtype.is_floating_point or y.dtype == torch.bool:
         raise ValueError(f"labels must be integers, got dtype {y.dtype}")
+    if _is_transformed(y):
+        return  # inside vmap/grad: values cannot be inspected; callers check labels beforehand
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
         bad = torch.nonzero((y < 0) | (y >= logits.shape[1])).flatten()[:5].tolist()
         raise ValueError(
@@ -54,9 +61,8 @@ def margin_from_logits(logits: Tensor, y: Tensor) -> Tensor:
     """
     check_labels(logits, y)
     correct = logits.gather(1, y[:, None]).squeeze(1)
-    others = logits.masked_fill(
-        torch.nn.functional.one_hot(y, logits.shape[1]).bool(), float("-inf")
-    )
+    is_label = torch.arange(logits.shape[1], device=logits.device) == y[:, None]
+    others = logits.masked_fill(is_label, float("-inf"))
     return correct - torch.logsumexp(others, dim=1)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_tda.callbacks import CheckpointRecorder, MarginRecorder
+from lightning_tda.callbacks import CheckpointRecorder, GradientRecorder, MarginRecorder
 from lightning_tda.data import DigitsDataModule
 from lightning_tda.models import DigitsCNN, ImageClassifier
 from lightning_tda.store import RunStore
@@ -70,6 +70,7 @@ def main() -> None:
         default_root_dir=str(args.root),
         callbacks=[
             MarginRecorder(store, block_rows=40, batch_size=20, embeddings="model.fc1"),
+            GradientRecorder(store, proj_dim=32, every_n_epochs=1, block_rows=40, batch_size=20),
             CheckpointRecorder(store),
             ModelCheckpoint(dirpath=args.root / "ckpts", save_last=True, save_top_k=0),
         ],

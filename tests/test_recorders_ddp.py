@@ -4,7 +4,7 @@ import lightning as L
 import numpy as np
 import pytest
 
-from lightning_tda.callbacks import CheckpointRecorder, MarginRecorder
+from lightning_tda.callbacks import CheckpointRecorder, GradientRecorder, MarginRecorder
 from lightning_tda.data import DigitsDataModule
 from lightning_tda.models import DigitsCNN, ImageClassifier
 from lightning_tda.store import RunStore
@@ -36,6 +36,7 @@ def run(tmp_path, store_path, devices, batch_size):
         use_distributed_sampler=False,
         callbacks=[
             MarginRecorder(store_path, embeddings="model.fc1", block_rows=48, batch_size=32),
+            GradientRecorder(store_path, proj_dim=64, every_n_epochs=1, block_rows=48, batch_size=32),
             CheckpointRecorder(store_path),
         ],
         **kwargs,

@@ -14,8 +14,9 @@ import torch
 from lightning_tda.store import RunStore
 
 SCRIPT = Path(__file__).with_name("record_run.py")
-# per record: train 200 rows / 40 = 5 blocks, val 359 / 40 = 9 blocks, 4 arrays each
-WRITES_PER_RECORD = (5 + 9) * 4
+# per epoch: train 200 rows / 40 = 5 blocks, val 359 / 40 = 9 blocks; margins write 4 arrays,
+# gradients 2 (the kill switch counts block writes of both recorders)
+WRITES_PER_RECORD = (5 + 9) * (4 + 2)
 
 
 def run(root, *args):

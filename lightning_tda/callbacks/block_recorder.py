@@ -87,8 +87,9 @@ class BlockRecorder(Callback):
         columns; ``probe`` is that output for one example. The last array is written last."""
         raise NotImplementedError
 
-    def compute_batch(self, module: nn.Module, x: Tensor, y: Tensor) -> list[Tensor]:
-        """One column per array, each ``[batch, ...]``; the last one is checked for NaN/inf."""
+    def compute_batch(self, module: nn.Module, x: Tensor, y: Tensor, offset: int = 0) -> list[Tensor]:
+        """One column per array, each ``[batch, ...]``; the last one is checked for NaN/inf.
+        ``offset`` is the dataset row of ``x[0]`` (for error messages)."""
         raise NotImplementedError
 
     def describe_record(self, trainer: L.Trainer) -> dict[str, Any]:
@@ -234,8 +235,8 @@ class BlockRecorder(Callback):
                     if start not in todo:
                         continue
                     parts = [
-                        [c.detach().cpu() for c in self.compute_batch(pl_module, x, y)]
-                        for _, x, y in iter_batches(dataset, start, stop, self.batch_size, self.parser, pl_module.device)
+                        [c.detach().cpu() for c in self.compute_batch(pl_module, x, y, offset)]
+                        for offset, x, y in iter_batches(dataset, start, stop, self.batch_size, self.parser, pl_module.device)
                     ]
                     columns = [torch.cat(col) for col in zip(*parts)]
                     last = columns[-1].reshape(len(columns[-1]), -1).float()

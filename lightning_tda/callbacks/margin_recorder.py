@@ -99,7 +99,7 @@ class MarginRecorder(BlockRecorder):
                 f"no layer named {self.embeddings!r} in {type(pl_module).__name__}; layers are: {names}"
             ) from None
 
-    def compute_batch(self, module: nn.Module, x: Tensor, y: Tensor) -> list[Tensor]:
+    def compute_batch(self, module: nn.Module, x: Tensor, y: Tensor, offset: int = 0) -> list[Tensor]:
         captured: list[Tensor] = []
         handle = None
         if self.embeddings is not None:

@@ -1,0 +1,106 @@
+"""GradientRecorder: recorded features equal the engine on the recorded weights; bad input errors."""
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from lightning_tda.attribution import TRAK, GradDot
+from lightning_tda.callbacks import CheckpointRecorder, GradientRecorder
+from lightning_tda.data import DigitsDataModule
+from lightning_tda.grads import make_gradient_engine
+from lightning_tda.models import DigitsCNN, ImageClassifier
+from lightning_tda.outputs import out_to_loss_from_logits
+from lightning_tda.store import RunStore, StoreError
+
+from conftest import trainer_kwargs
+
+
+def fit(tmp_path, callbacks, model=None, epochs=2):
+    L.seed_everything(0, verbose=False)
+    model = model or ImageClassifier(DigitsCNN(width=8), lr=0.05)
+    trainer = L.Trainer(max_epochs=epochs, callbacks=callbacks, **trainer_kwargs(tmp_path))
+    trainer.fit(model, DigitsDataModule(batch_size=32, n_train=160))
+    return model
+
+
+@pytest.mark.parametrize("engine", ["factored", "exact"])
+def test_recorded_features_equal_engine_on_checkpoint(tmp_path, engine):
+    path = tmp_path / "s"
+    fit(tmp_path, [GradientRecorder(path, proj_dim=96, engine=engine, every_n_epochs=1, block_rows=64), CheckpointRecorder(path)])
+    store = RunStore(path, create=False)
+    records = store.manifest["records"]["grads"]
+    assert [r["tag"] for r in records] == ["epoch=0", "epoch=1"] and records[0]["learning_rates"] == [[0.05]]
+    assert store.manifest["projection"]["proj_dim"] == 96
+    dm = DigitsDataModule(n_train=160)
+    for record, tag in zip(records, store.checkpoint_tags()):
+        module = ImageClassifier(DigitsCNN(width=8))
+        module.load_state_dict(store.load_checkpoint(tag)[0])
+        ref = make_gradient_engine(engine, module, proj_dim=96, seed=0, output_fn="margin")
+        for split in ("train", "val"):
+            ds = dm.recording_dataset(split)
+            expected = ref.project(ds.images, ds.targets)
+            got = store.read(f"grads/{split}/{record['tag']}")
+            np.testing.assert_allclose(got, expected.detach().numpy(), rtol=1e-4, atol=1e-5)
+            with torch.no_grad():
+                q = out_to_loss_from_logits(module.eval()(ds.images), ds.targets)
+            np.testing.assert_allclose(store.read(f"out_to_loss/{split}/{record['tag']}"), q.numpy(), rtol=1e-5, atol=1e-6)
+    # the scorers run on what was recorded
+    scores = TRAK().score(store)
+    assert scores.shape == (359, 160) and np.isfinite(scores).all()
+    assert GradDot(checkpoints=1).score(store).shape == (359, 160)
+
+
+def test_final_model_only_by_default(tmp_path):
+    path = tmp_path / "s"
+    fit(tmp_path, [GradientRecorder(path, proj_dim=32, splits=("val",))])
+    assert [r["tag"] for r in RunStore(path, create=False).manifest["records"]["grads"]] == ["fit_end"]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="proj_dim must be a positive integer"):
+        GradientRecorder("s", proj_dim=0)
+    with pytest.raises(ValueError, match="engine must be"):
+        GradientRecorder("s", engine="fast")
+    with pytest.raises(ValueError, match="at must be 'fit_end' or None"):
+        GradientRecorder("s", at="epoch")
+
+
+class NoLayers(L.LightningModule):
+    """A classifier with no Linear/Conv layer: the factored engine has nothing to factor."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros(64, 10))
+
+    def forward(self, x):
+        return x.flatten(1) @ self.table
+
+    def training_step(self, batch, _):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_model_without_supported_layers(tmp_path):
+    with pytest.raises((ValueError, TypeError), match="(?i)linear|conv"):
+        fit(tmp_path, [GradientRecorder(tmp_path / "s", proj_dim=8, engine="factored")], model=NoLayers(), epochs=1)
+
+
+def test_nan_gradients_name_the_examples(tmp_path):
+    x = torch.rand(50, 1, 8, 8)
+    x[[7, 12]] = float("nan")  # one batch of 16: both reported
+    ds = TensorDataset(x, torch.randint(0, 10, (50,)))
+    rec = GradientRecorder(tmp_path / "s", proj_dim=16, splits=("odd",), datasets={"odd": ds}, batch_size=16, block_rows=25)
+    with pytest.raises(FloatingPointError, match=r"dataset rows \[7, 12\]"):
+        fit(tmp_path, [rec], epochs=1)
+
+
+def test_store_with_another_projection_is_refused(tmp_path):
+    path = tmp_path / "s"
+    fit(tmp_path / "a", [GradientRecorder(path, proj_dim=32, splits=("val",))], epochs=1)
+    with pytest.raises(StoreError, match="another projection"):
+        fit(tmp_path / "b", [GradientRecorder(path, proj_dim=64, splits=("val",))], epochs=1)
