@@ -131,7 +131,7 @@ class RunStore:
             self._create(run_name, algorithm, seed)
         self._check_schema(self.manifest)
         self._group = zarr.open_group(self._zarr_url(), mode="a")
-        self._layouts: dict[str, ArrayLayout] = {}
+        self._handles: dict[str, zarr.Array] = {}
 
     # ------------------------------------------------------------------ paths and manifest
     def _join(self, *parts: str) -> str:
@@ -254,23 +254,32 @@ class RunStore:
         walk(self._group, "")
         return sorted(names)
 
+    def refresh(self) -> None:
+        """Forget cached array handles, so shapes grown by another process are seen.
+
+        Recorders call it after every barrier; single-process users never need it."""
+        self._handles.clear()
+
     def layout(self, name: str) -> ArrayLayout:
-        """The layout of array ``name`` (shape read fresh from storage)."""
+        """The layout of array ``name``."""
         arr = self._array(name)
         attrs = arr.attrs
         return ArrayLayout(name, tuple(arr.shape), str(arr.dtype), attrs["row_axis"], attrs["block_rows"])
 
     def _array(self, name: str) -> zarr.Array:
+        if name in self._handles:
+            return self._handles[name]
         try:
             arr = zarr.open_array(self._zarr_url(), path=name, mode="r+")
         except (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError, zarr.errors.ArrayNotFoundError) as err:  # type: ignore[attr-defined]
             raise StoreError(
                 f"the RunStore at {self.path} has no array {name!r}; it has {self.array_names()}"
             ) from err
+        self._handles[name] = arr
         return arr
 
     def _mask(self, name: str) -> zarr.Array:
-        return zarr.open_array(self._zarr_url(), path=f"_complete/{name}", mode="r+")
+        return self._array(f"_complete/{name}")
 
     def ensure_array(
         self,
@@ -324,6 +333,7 @@ class RunStore:
         self._array(name).resize((n_leading, *layout.shape[1:]))
         mask = self._mask(name)
         mask.resize((n_leading, *mask.shape[1:]))
+        self.refresh()
 
     def write_block(self, name: str, start: int, values: np.ndarray | torch.Tensor, lead: tuple[int, ...] = ()) -> None:
         """Write rows ``[start, start + len(values))`` (at leading index ``lead``), then mark the

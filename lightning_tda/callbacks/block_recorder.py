@@ -176,6 +176,7 @@ class BlockRecorder(Callback):
         if trainer.is_global_zero:
             self._declare(trainer, pl_module, tag)
         trainer.strategy.barrier(f"{type(self).__name__}.declare")
+        self.store.refresh()
         record = next(r for r in self.records() if r["tag"] == tag)
         if record["global_step"] != trainer.global_step:
             raise StoreError(
