@@ -313,14 +313,23 @@ class RunStore:
             for axis, s in enumerate(shape)
         )
         fill = np.nan if dtype.kind == "f" else 0
-        arr = self._group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill)
-        arr.attrs.update({"row_axis": row_axis, "block_rows": block_rows})
         n_blocks = math.ceil(shape[row_axis] / block_rows)
         mask_shape = tuple(shape[:row_axis]) + (n_blocks,)
-        self._group.create_array(
-            f"_complete/{name}", shape=mask_shape, chunks=(1,) * len(mask_shape), dtype=bool,
-            fill_value=False,
-        )
+        # The mask first, so an array is never visible without its mask. Another process (a
+        # shard) may create either at the same moment, or a killed one may have left the mask
+        # alone: each step tolerates finding its array there, and the result is checked below.
+        for path, kwargs in (
+            (f"_complete/{name}", dict(shape=mask_shape, chunks=(1,) * len(mask_shape), dtype=bool, fill_value=False)),
+            (name, dict(shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
+                        attributes={"row_axis": row_axis, "block_rows": block_rows})),
+        ):
+            try:
+                self._group.create_array(path, **kwargs)
+            except zarr.errors.ContainsArrayError:
+                pass
+        layout = self.layout(name)
+        if layout.shape != tuple(shape) or layout.dtype != str(dtype):
+            raise StoreError(f"array {name!r} was created concurrently with another shape/dtype: {layout}")
         return self.layout(name)
 
     def grow(self, name: str, n_leading: int) -> None:
