@@ -200,3 +200,19 @@ def test_nan_outputs_are_recorded_and_reported(tmp_path):
     values = RunStore(tmp_path / "s", create=False).read("outputs/val")[0]
     assert np.isnan(values[::50]).all() and np.isfinite(values[1::50]).all()
     assert rec.nonfinite_count == len(values[::50])
+
+
+def test_read_margins_returns_complete_records_only(tmp_path):
+    from lightning_tda.callbacks import read_margins
+
+    path = tmp_path / "s"
+    fit(tmp_path, [MarginRecorder(path, splits=("val",), block_rows=100, on_fit_end=False)], epochs=2)
+    store = RunStore(path, create=False)
+    values, records = read_margins(store, "val")
+    assert values.shape == (2, 359) and [r["tag"] for r in records] == ["epoch=0", "epoch=1"]
+    # a record with an unwritten block (as a crash leaves it) is not returned
+    store.update_manifest(lambda m: m["records"]["margins"].append({**records[-1], "tag": "epoch=2", "index": 2}))
+    store.grow("margins/val", 3)
+    store.write_block("margins/val", 0, np.zeros(100), lead=(2,))
+    values, records = read_margins(store, "val")
+    assert values.shape == (2, 359) and [r["tag"] for r in records] == ["epoch=0", "epoch=1"]

@@ -126,8 +126,13 @@ class MarginRecorder(BlockRecorder):
 
 
 def read_margins(store: RunStore, split: str, prefix: str = "margins") -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """All complete records of ``split``: ``(values [n_records, n_examples], record entries)``."""
-    records = store.manifest["records"].get(RECORDS_KEY, [])
+    """The complete records of ``split``: ``(values [n_complete, n_examples], their manifest entries)``.
+
+    A record a crash left unfinished is skipped until a resumed run completes it."""
     name = join_name(prefix, split)
-    values = store.read(name)
+    records = [
+        r for r in store.manifest["records"].get(RECORDS_KEY, [])
+        if split in r.get("splits", [split]) and store.completed_blocks(name, (int(r["index"]),)).all()
+    ]
+    values = store.read(name)[[int(r["index"]) for r in records]] if records else np.empty((0, 0), np.float32)
     return values, records
