@@ -63,6 +63,9 @@ def train_attribution_runs(root: Path, train, test, runs: int, epochs: int, k: i
     every = max(1, epochs // 5)
     for r in range(runs):
         path = root / f"run{r}"
+        if (path / "manifest.json").exists() and RunStore(path, create=False).checkpoint_tags():
+            stores.append(RunStore(path, create=False))  # finished earlier (--out reused)
+            continue
         L.seed_everything(100 + r, verbose=False)
         trainer = L.Trainer(
             max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -109,7 +112,8 @@ def traker_scores(stores: list[RunStore], train, test, k: int, save_dir: Path) -
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=None, help="keep stores here (default: a temp dir)")
+    parser.add_argument("--out", type=Path, default=None, help="keep stores here (default: a temp dir); "
+                        "a rerun with the same --out reuses the finished sweep and runs")
     parser.add_argument("--models", type=int, default=256, help="subset models of the ground truth")
     parser.add_argument("--no-traker", action="store_true")
     args = parser.parse_args(argv)
