@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Subset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, markdown_table, today  # noqa: E402
 
-from lightning_tda.attribution import TRAK, GradCos, GradDot, ProjectedInfluence, TracIn  # noqa: E402
+from lightning_tda.attribution import TRAK, GradCos, GradDot, ProjectedInfluence, TracIn, load_features, select_tags  # noqa: E402
 from lightning_tda.callbacks import CheckpointRecorder, GradientRecorder  # noqa: E402
 from lightning_tda.data import DigitsDataModule, TensorImageDataset  # noqa: E402
 from lightning_tda.datamodels import lds  # noqa: E402
@@ -80,8 +80,9 @@ def train_attribution_runs(root: Path, train, test, runs: int, epochs: int, k: i
     return stores
 
 
-def traker_scores(stores: list[RunStore], train, test, k: int, save_dir: Path) -> np.ndarray:
-    """traker's TRAK on the final checkpoints of ``stores`` (CPU: BasicProjector, float32)."""
+def traker_scores(stores: list[RunStore], train, test, k: int, save_dir: Path, lambda_reg: float = 0.0) -> np.ndarray:
+    """traker's TRAK on the final checkpoints of ``stores`` (CPU: BasicProjector, float32;
+    ``lambda_reg`` 0 is traker's default)."""
     from trak import TRAKer
     from trak.projectors import BasicProjector, ProjectionType
 
@@ -91,6 +92,7 @@ def traker_scores(stores: list[RunStore], train, test, k: int, save_dir: Path) -
     traker = TRAKer(
         model=model, task="image_classification", train_set_size=len(train), save_dir=str(save_dir),
         device="cpu", proj_dim=k, projector=projector, use_half_precision=False, logging_level=40,
+        lambda_reg=lambda_reg,
     )
     checkpoints = []
     for model_id, store in enumerate(stores):
@@ -153,7 +155,12 @@ def main(argv: list[str] | None = None) -> str:
         add("TRAK (ours), all checkpoints", m, n_ckpt, TRAK(progress=False).score(stores[:m], "train", "test"))
     if not args.no_traker:
         for m in model_counts:
-            add("TRAK (traker 0.3.2)", m, 1, traker_scores(stores[:m], train, test, k, root / f"traker{m}"))
+            add("TRAK (traker 0.3.2, default lambda_reg=0)", m, 1, traker_scores(stores[:m], train, test, k, root / f"traker{m}"))
+        # the same ridge as ours (its mean over the runs), to separate the ridge from the rest
+        m = model_counts[-1]
+        lam = float(np.mean([TRAK().lam(load_features(s, "train", select_tags(s, 1)[0]).phi) for s in stores[:m]]))
+        add(f"TRAK (traker 0.3.2, lambda_reg={lam:.3g} as ours)", m, 1,
+            traker_scores(stores[:m], train, test, k, root / f"traker{m}_ridge", lambda_reg=lam))
     add("random scores (control)", 0, 0, np.random.default_rng(0).normal(size=(len(test), len(train))))
     table = markdown_table(["scorer", "models", "checkpoints per model", "LDS", "95% CI (bootstrap over test examples)"], rows)
     out = (

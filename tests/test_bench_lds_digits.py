@@ -16,5 +16,5 @@ def test_lds_digits_quick(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    for row in ("| GradDot | 1 | 1 |", "| TracIn |", "| TRAK (ours) | 2 | 1 |", "| TRAK (traker 0.3.2) | 2 | 1 |", "random scores"):
+    for row in ("| GradDot | 1 | 1 |", "| TracIn |", "| TRAK (ours) | 2 | 1 |", "| TRAK (traker 0.3.2, default lambda_reg=0) | 2 | 1 |", "as ours) | 2 | 1 |", "random scores"):
         assert row in done.stdout
