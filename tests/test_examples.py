@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FAST_EXAMPLES = sorted(p.name for p in (REPO / "examples").glob("*.py") if p.name != "cli_train.py")
+# examples with a test file of their own (which checks their figures) run there
+OWN_TEST = {"cli_train.py": "test_cli_configs.py", "dcor_diverse_models.py": "test_example_dcor.py"}
+FAST_EXAMPLES = sorted(p.name for p in (REPO / "examples").glob("*.py") if p.name not in OWN_TEST)
+
+
+def test_every_example_is_run_by_a_test():
+    for name, test in OWN_TEST.items():
+        assert (REPO / "examples" / name).exists() and (REPO / "tests" / test).exists()
 
 
 def run_example(name: str, tmp_path: Path) -> str:
