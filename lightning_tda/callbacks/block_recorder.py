@@ -60,12 +60,12 @@ class BlockRecorder(Callback):
         schedule: RecordSchedule,
         batch_fn: BatchFn | None,
         datasets: Mapping[str, Dataset] | None,
-        batch_size: int,
+        batch_size: int | None,
         block_rows: int,
     ) -> None:
         if isinstance(splits, str) or not splits:
             raise ValueError(f"splits must be a non-empty sequence of split names, got {splits!r}")
-        if batch_size < 1 or block_rows < 1:
+        if (batch_size is not None and batch_size < 1) or block_rows < 1:
             raise ValueError(f"batch_size and block_rows must be positive, got {batch_size} and {block_rows}")
         self.store_arg = as_store(store)
         self.splits = tuple(splits)
@@ -186,6 +186,15 @@ class BlockRecorder(Callback):
             )
         self._write_record(trainer, pl_module, record)
 
+    def _batch_size(self, dataset: Dataset) -> int:
+        """The given batch size, or one sized so a batch holds about 2^17 input numbers: large
+        batches for tiny inputs, cache-friendly ones for images (measured: a 3x32x32 CNN's
+        eval forward is 2x slower per example at batch 512 than at 128 on the CPU)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        x, _ = self.parser(dataset[0])
+        return int(max(32, min(4096, 2**17 // max(1, torch.as_tensor(x).numel()))))
+
     def _probe(self, pl_module: nn.Module, dataset: Dataset, rows: int = 1) -> list[Tensor]:
         with isolated_eval(pl_module, grad=self.needs_grad):
             _, x, y = next(iter_batches(dataset, 0, rows, rows, self.parser, pl_module.device))  # type: ignore[arg-type]
@@ -237,7 +246,7 @@ class BlockRecorder(Callback):
                         continue
                     parts = [
                         [c.detach().cpu() for c in self.compute_batch(pl_module, x, y, offset)]
-                        for offset, x, y in iter_batches(dataset, start, stop, self.batch_size, self.parser, pl_module.device)
+                        for offset, x, y in iter_batches(dataset, start, stop, self._batch_size(dataset), self.parser, pl_module.device)
                     ]
                     columns = [torch.cat(col) for col in zip(*parts)]
                     last = columns[-1].reshape(len(columns[-1]), -1).float()

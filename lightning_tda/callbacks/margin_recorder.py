@@ -43,7 +43,8 @@ class MarginRecorder(BlockRecorder):
         batch_fn: ``fn(batch) -> (x, y)`` when batches are not ``(x, y)`` or ``{"x", "y"}``.
         embeddings: name of a submodule whose output is also recorded (e.g. "model.fc1").
         datasets: explicit ``{split: dataset}``; otherwise taken from the datamodule.
-        batch_size: examples per forward pass of the recording pass.
+        batch_size: examples per forward pass of the recording pass (None: sized from the
+            input, about 2^17 input numbers a batch).
         block_rows: rows per block (the unit of crash-safe writing and of DDP work division).
     """
 
@@ -60,7 +61,7 @@ class MarginRecorder(BlockRecorder):
         batch_fn: BatchFn | None = None,
         embeddings: str | None = None,
         datasets: Mapping[str, Dataset] | None = None,
-        batch_size: int = 512,
+        batch_size: int | None = None,
         block_rows: int = 1024,
     ) -> None:
         schedule = RecordSchedule(
