@@ -587,6 +587,13 @@ class LDSResult:
         """Test examples whose correlation is undefined (counted as 0 in ``value``)."""
         return int(torch.isnan(self.per_example).sum())
 
+    def __str__(self) -> str:
+        level = f"{100 * self.confidence:.0f}%"
+        return (
+            f"LDS {self.value:.3f} ({level} CI [{self.ci_low:.3f}, {self.ci_high:.3f}], bootstrap over "
+            f"{self.resample}; {len(self.per_example)} test examples, {self.n_undefined} undefined)"
+        )
+
     def __float__(self) -> float:
         return self.value
 
