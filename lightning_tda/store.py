@@ -186,19 +186,23 @@ class RunStore:
         with self._fs.open(self._join("manifest.json"), "r") as f:
             return json.load(f)
 
-    def _write_manifest(self, manifest: Mapping[str, Any]) -> None:
-        text = json.dumps(manifest, indent=2, sort_keys=True)
-        target = self._join("manifest.json")
+    def _write_atomically(self, target: str, data: bytes) -> None:
+        """Write a whole file so a reader (or a crash) sees the old or the new file, never half:
+        locally a synced temporary file renamed over the target; remote stores write whole objects."""
         if self._is_local:
             tmp = f"{target}.{os.getpid()}.partial"
-            with open(tmp, "w") as f:
-                f.write(text)
+            with open(tmp, "wb") as f:
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
         else:
-            with self._fs.open(target, "w") as f:
-                f.write(text)
+            with self._fs.open(target, "wb") as f:
+                f.write(data)
+
+    def _write_manifest(self, manifest: Mapping[str, Any]) -> None:
+        text = json.dumps(manifest, indent=2, sort_keys=True)
+        self._write_atomically(self._join("manifest.json"), text.encode())
 
     def update_manifest(self, update: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         """Read, modify in place with ``update(manifest)``, and atomically write the manifest.
@@ -407,17 +411,7 @@ class RunStore:
         metadata = dict(metadata or {})
         flat = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
         blob = save_safetensors(flat, metadata={"lightning_tda": json.dumps(metadata, sort_keys=True)})
-        target = self._checkpoint_path(tag)
-        if self._is_local:
-            tmp = f"{target}.{os.getpid()}.partial"
-            with open(tmp, "wb") as f:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        else:
-            with self._fs.open(target, "wb") as f:
-                f.write(blob)
+        self._write_atomically(self._checkpoint_path(tag), blob)
         self.update_manifest(lambda m: m["checkpoints"].__setitem__(tag, metadata))
 
     def load_checkpoint(self, tag: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
