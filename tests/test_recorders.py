@@ -216,3 +216,23 @@ def test_read_margins_returns_complete_records_only(tmp_path):
     store.write_block("margins/val", 0, np.zeros(100), lead=(2,))
     values, records = read_margins(store, "val")
     assert values.shape == (2, 359) and [r["tag"] for r in records] == ["epoch=0", "epoch=1"]
+
+
+def test_margin_recorder_on_an_ensemble_records_every_copy(tmp_path):
+    from lightning_tda.ensemble import EnsembleModule, IndexedDataModule
+
+    L.seed_everything(0, verbose=False)
+    masks = torch.rand(3, 128) > 0.5
+    module = EnsembleModule(lambda: DigitsCNN(width=4), num_models=3, masks=masks, lr=0.05)
+    path = tmp_path / "s"
+    dm = IndexedDataModule(DigitsDataModule(batch_size=32, n_train=128))
+    trainer = L.Trainer(max_epochs=2, callbacks=[MarginRecorder(path, block_rows=50)], **trainer_kwargs(tmp_path))
+    trainer.fit(module, dm)
+    store = RunStore(path, create=False)
+    assert store.read("margins/train").shape == (2, 128, 3)
+    plain = DigitsDataModule(n_train=128)
+    plain.setup()
+    for split in ("train", "val"):
+        expected = module.outputs(plain.recording_dataset(split), "margin").T.numpy()  # [n, M]
+        np.testing.assert_allclose(store.read(f"margins/{split}")[-1], expected, rtol=1e-5, atol=1e-5)
+        assert store.read(f"preds/{split}").shape[-1] == 3

@@ -28,6 +28,9 @@ class MarginRecorder(BlockRecorder):
     with ``embeddings="layer.name"``, ``embeddings/<split>`` (the layer's flattened output), each
     ``[n_records, n_examples, ...]``. Records are listed in the manifest with epoch and global step.
 
+    On an ensemble (:class:`~lightning_tda.ensemble.EnsembleModule`, logits ``[M, batch, C]``)
+    each array gains a last axis with one column per copy: ``margins/<split>[record, example, m]``.
+
     Rank-aware: under DDP each rank writes a contiguous range of row blocks. Resumable: a record
     left incomplete by a crash is finished, block by block, when the run resumes. Recording leaves
     the module's train/eval mode and every RNG state as it found them, so training is unchanged.
@@ -114,6 +117,8 @@ class MarginRecorder(BlockRecorder):
                 handle.remove()
         if not isinstance(logits, Tensor):
             raise TypeError(f"the module returned {type(logits).__name__}; recorders need logits as a Tensor")
+        if logits.ndim == 3:
+            return self._ensemble_columns(module, logits, x, y)
         check_labels(logits, y)
         if self.output_name in FROM_LOGITS:
             out = FROM_LOGITS[self.output_name](logits, y)
@@ -124,6 +129,32 @@ class MarginRecorder(BlockRecorder):
         if self.embeddings is not None:
             columns.append(captured[0].flatten(1).float())
         return columns + [out.float()]
+
+    def _ensemble_columns(self, module: nn.Module, logits: Tensor, x: Tensor, y: Tensor) -> list[Tensor]:
+        """An ensemble (``EnsembleModule``: logits ``[M, batch, C]``): one column per copy,
+        so every array gains a last axis of copies (``margins[record, example, copy]``)."""
+        if self.embeddings is not None:
+            raise ValueError(
+                "embeddings are not recorded for an ensemble (its layers hold M stacked copies); "
+                "record them per copy from EnsembleModule.member(m), or drop embeddings="
+            )
+        copies, batch, classes = logits.shape
+        flat, labels = logits.reshape(copies * batch, classes), y.repeat(copies)
+        check_labels(flat, labels)
+
+        def per_copy(values: Tensor) -> Tensor:
+            return values.reshape(copies, batch).T
+
+        if self.output_name in FROM_LOGITS:
+            out = per_copy(FROM_LOGITS[self.output_name](flat, labels))
+        elif hasattr(module, "batch_outputs"):
+            out = module.batch_outputs(x, y, self.output_fn).T  # type: ignore[operator]
+        else:
+            raise TypeError(
+                f"{type(module).__name__} returns [M, batch, classes] logits but has no batch_outputs(); "
+                "use a built-in output_fn name"
+            )
+        return [per_copy(loss_from_logits(flat, labels)).float(), per_copy(flat.argmax(1)).to(torch.int64), out.float()]
 
 
 def read_margins(store: RunStore, split: str, prefix: str = "margins") -> tuple[np.ndarray, list[dict[str, Any]]]:
