@@ -104,3 +104,37 @@ def test_store_with_another_projection_is_refused(tmp_path):
     fit(tmp_path / "a", [GradientRecorder(path, proj_dim=32, splits=("val",))], epochs=1)
     with pytest.raises(StoreError, match="another projection"):
         fit(tmp_path / "b", [GradientRecorder(path, proj_dim=64, splits=("val",))], epochs=1)
+
+
+def test_trak_with_identity_projection_equals_closed_form(tmp_path):
+    """No projection at all (a 610-parameter MLP): recorded features are the full per-example
+    margin gradients, and TRAK from the store equals the formula computed directly here."""
+    from lightning_tda.models import MLP
+    from lightning_tda.outputs import margin_from_logits
+
+    path = tmp_path / "s"
+    model = ImageClassifier(MLP(64, 8, 10), lr=0.1)
+    rec = GradientRecorder(path, proj_dim=1, engine="exact", engine_options={"projection": "identity"}, dtype="float32")
+    fit(tmp_path, [rec], model=model, epochs=2)
+    store = RunStore(path, create=False)
+    assert store.manifest["projection"]["projector"] == "identity"
+    model.eval()
+    params = [p for p in model.parameters()]
+    dm = DigitsDataModule(n_train=160)
+
+    def features(split):
+        ds = dm.recording_dataset(split)
+        rows = []
+        for i in range(len(ds)):
+            out = margin_from_logits(model(ds.images[i:i + 1]), ds.targets[i:i + 1])[0]
+            rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(out, params)]))
+        with torch.no_grad():
+            q = out_to_loss_from_logits(model(ds.images), ds.targets)
+        return torch.stack(rows).double(), q.double()
+
+    phi, q = features("train")
+    phi_test, _ = features("val")
+    np.testing.assert_allclose(store.read("grads/train/fit_end"), phi.numpy(), rtol=1e-4, atol=1e-6)
+    lam = float((phi * phi).sum()) / phi.shape[0]
+    expected = phi_test @ torch.linalg.inv(phi.T @ phi + lam * torch.eye(phi.shape[1], dtype=phi.dtype)) @ phi.T * q[None, :]
+    np.testing.assert_allclose(TRAK().score(store), expected.numpy(), rtol=1e-3, atol=1e-6)

@@ -12,7 +12,7 @@ from torch.func import functional_call, grad, vmap
 
 from lightning_tda.grads.engine import GradientEngine, OutputSpec
 from lightning_tda.grads.layout import plan_groups
-from lightning_tda.grads.projectors import ParamGroup, Projection
+from lightning_tda.grads.projectors import IdentityProjection, ParamGroup, Projection
 from lightning_tda.outputs import check_output
 
 PER_EXAMPLE_GRADIENT_BUDGET = 2**26
@@ -104,7 +104,8 @@ class ExactEngine(GradientEngine):
     """Exact per-example gradients, projected.
 
     ``projection``: ``"dense"`` (default; one i.i.d. Johnson-Lindenstrauss block over all
-    covered parameters), ``"kronecker"`` (the factored engine's block structure, same groups and
+    covered parameters), ``"identity"`` (no projection: the full per-example gradients, for
+    small models), ``"kronecker"`` (the factored engine's block structure, same groups and
     matrices), or a :class:`Projection` object -- e.g. ``factored_engine.projection`` -- whose
     parameters, ``proj_dim``, seed, projector and dtype then replace the engine's own.
 
@@ -130,9 +131,12 @@ class ExactEngine(GradientEngine):
             self.projection = self._new_projection([ParamGroup.dense("all", shapes)])
         elif projection == "kronecker":
             self.projection = self._new_projection([pg.group for pg in plan_groups(model, self.selected)])
+        elif projection == "identity":
+            shapes = [(n, p.shape) for n, p in self.selected.items()]
+            self.projection = IdentityProjection([ParamGroup.dense("all", shapes)], self.dtype, self.device)
         else:
             raise ValueError(
-                f"unknown projection {projection!r}; choose 'dense', 'kronecker' or pass a Projection"
+                f"unknown projection {projection!r}; choose 'dense', 'kronecker', 'identity' or pass a Projection"
             )
         self.randomness = "different" if has_dropout(model) else "error"
         if self.chunk_size is None:
@@ -152,5 +156,7 @@ class ExactEngine(GradientEngine):
 
     @property
     def projection_kind(self) -> str:
+        if isinstance(self.projection, IdentityProjection):
+            return "identity"
         kinds = {g.kind for g in self.projection.groups}
         return "dense" if kinds == {"dense"} and len(self.projection.groups) == 1 else "kronecker"

@@ -389,3 +389,33 @@ class Projection:
             "num_params": self.num_params,
             "groups": groups,
         }
+
+
+class IdentityProjection(Projection):
+    """No projection: the features are the flattened per-example gradients themselves
+    (``proj_dim`` = number of covered parameters, columns in :attr:`param_names` order).
+
+    For models small enough to do without projection: the exact references of the tests (TRAK
+    with the identity projection equals its closed form) and tiny models where ``p`` is small.
+    """
+
+    def __init__(self, groups: Sequence[ParamGroup], dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        super().__init__(groups, sum(g.numel for g in groups), seed=0, dtype=dtype, device=device)
+        self.kind = "identity"  # type: ignore[assignment]
+
+    def project(self, grads: Mapping[str, Tensor], out: Tensor | None = None) -> Tensor:
+        missing = [n for n in self.param_names if n not in grads]
+        if missing:
+            raise ValueError(f"gradients lack {missing[:5]}")
+        batch = next(iter(grads.values())).shape[0]
+        flat = torch.cat([grads[n].reshape(batch, -1) for n in self.param_names], 1).to(self.dtype)
+        if out is None:
+            return flat
+        out += flat
+        return out
+
+    def matrix(self) -> Tensor:
+        return torch.eye(self.proj_dim, dtype=self.dtype, device=self.device)
+
+    def describe(self) -> dict[str, Any]:
+        return {"projector": "identity", "seed": self.seed, "proj_dim": self.proj_dim, "params": self.param_names}
