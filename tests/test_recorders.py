@@ -236,3 +236,27 @@ def test_margin_recorder_on_an_ensemble_records_every_copy(tmp_path):
         expected = module.outputs(plain.recording_dataset(split), "margin").T.numpy()  # [n, M]
         np.testing.assert_allclose(store.read(f"margins/{split}")[-1], expected, rtol=1e-5, atol=1e-5)
         assert store.read(f"preds/{split}").shape[-1] == 3
+
+
+def test_models_that_cannot_take_channels_last_still_record(tmp_path):
+    """A model calling .view on its input fails on a channels-last batch; the recorder falls back
+    to the input as given and records the right margins."""
+
+    class ViewNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.fc(x.view(x.shape[0], -1)[:, :64])
+
+    images = torch.rand(64, 3, 8, 8)
+    labels = torch.randint(0, 10, (64,))
+    path = tmp_path / "s"
+    model = ImageClassifier(ViewNet())
+    rec = MarginRecorder(path, splits=("rgb",), datasets={"rgb": TensorDataset(images, labels)}, on_fit_end=False)
+    fit(tmp_path, [rec], model=model, epochs=1)
+    assert rec._channels_last is False
+    with torch.no_grad():
+        expected = margin_from_logits(model.eval()(images), labels).numpy()
+    np.testing.assert_allclose(RunStore(path, create=False).read("margins/rgb")[0], expected, rtol=1e-5, atol=1e-5)

