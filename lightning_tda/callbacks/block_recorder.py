@@ -77,6 +77,7 @@ class BlockRecorder(Callback):
         self.store: RunStore | None = None
         self.datasets: dict[str, Dataset] = {}
         self._restored_step: int | None = None
+        self._probes: dict[str, list[Tensor]] = {}  # per split: one probe batch's columns
         self._nonfinite = 0
 
     # ------------------------------------------------------------------ for subclasses
@@ -124,8 +125,11 @@ class BlockRecorder(Callback):
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Fail before training, not after an epoch: one small batch per split through the pass.
-        for dataset in self.datasets.values():
-            self._probe(pl_module, dataset, rows=min(2, len(dataset)))  # type: ignore[arg-type]
+        # Its columns also give every array's trailing shape (kept: the model does not change).
+        self._probes = {
+            split: self._probe(pl_module, dataset, rows=min(2, len(dataset)))  # type: ignore[arg-type]
+            for split, dataset in self.datasets.items()
+        }
         # Resuming from a Lightning checkpoint taken at a record's step: finish the record now.
         if self._restored_step is not None:
             for record in self.records():
@@ -201,10 +205,10 @@ class BlockRecorder(Callback):
             return self.compute_batch(pl_module, x, y)
 
     def _specs(self, pl_module: nn.Module, record: Mapping[str, Any]) -> dict[str, list[ArraySpec]]:
-        return {
-            split: self.array_specs(split, record, self._probe(pl_module, dataset))
-            for split, dataset in self.datasets.items()
-        }
+        for split, dataset in self.datasets.items():
+            if split not in self._probes:  # record() called without fit's start (direct use)
+                self._probes[split] = self._probe(pl_module, dataset)
+        return {split: self.array_specs(split, record, self._probes[split]) for split in self.datasets}
 
     def _declare(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> None:
         """Rank 0: create or grow the record's arrays, then list it in the manifest."""
