@@ -142,11 +142,12 @@ class SubsetSweep:
         return sorted(b for b in todo if b % self.num_shards == self.shard_index)
 
     # ------------------------------------------------------------------ work
-    def train_block(self, block: int) -> EnsembleModule:
-        """Train block ``block``'s models at once; deterministic given ``(seed, block)``."""
+    def train_block(self, block: int, masks: torch.Tensor | None = None) -> EnsembleModule:
+        """Train block ``block``'s models at once; deterministic given ``(seed, block)``.
+        ``masks``: all models' masks when the caller has them (else generated)."""
         lo = block * self.models_per_block
         hi = min(lo + self.models_per_block, self.num_models)
-        masks = self.masks()[lo:hi]
+        masks = (self.masks() if masks is None else masks)[lo:hi]
         module = EnsembleModule(
             self.model_fn, num_models=hi - lo, seeds=[mix_seed(self.seed, m) for m in range(lo, hi)], masks=masks,
             lr=self.lr, optimizer=self.optimizer, momentum=self.momentum, weight_decay=self.weight_decay,  # type: ignore[arg-type]
@@ -171,7 +172,7 @@ class SubsetSweep:
         for block in tqdm(pending, desc=f"subset sweep (shard {self.shard_index}/{self.num_shards})", disable=not self.progress):
             lo = block * self.models_per_block
             hi = min(lo + self.models_per_block, self.num_models)
-            module = self.train_block(block)
+            module = self.train_block(block, masks)
             for split in sorted(self.eval_datasets):
                 outputs = module.outputs(self.eval_datasets[split], self.output_fn)
                 store.write_block(join_name("sweep", split), lo, outputs.numpy())
