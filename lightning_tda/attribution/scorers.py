@@ -33,20 +33,18 @@ from lightning_tda.attribution.features import FeatureRecord, load_features, sel
 from lightning_tda.store import RunStore, join_name
 
 
-def _solve_kernel(phi_train: Tensor, damping: float) -> tuple[Tensor, str]:
-    """Factor what ``phi_test (Phi^T Phi + damping I)^-1 Phi^T`` needs, in the cheaper space.
-
-    With ``n <= k`` it uses ``Phi^T (Phi Phi^T + damping I)^-1`` (equal by the push-through
-    identity); returns the matrix ``M`` with ``scores = phi_test @ M`` and which form was used.
-    """
+def _solve_kernel(phi_train: Tensor, damping: float) -> Tensor:
+    """``M`` with ``phi_test @ M = phi_test (Phi^T Phi + damping I)^-1 Phi^T``, solved in the
+    cheaper space: with ``n <= k`` as ``Phi^T (Phi Phi^T + damping I)^-1`` (equal by the
+    push-through identity)."""
     n, k = phi_train.shape
     if n <= k:
         gram = phi_train @ phi_train.T
         gram.diagonal().add_(damping)
-        return phi_train.T @ torch.linalg.solve(gram, torch.eye(n, dtype=gram.dtype, device=gram.device)), "dual"
+        return phi_train.T @ torch.linalg.solve(gram, torch.eye(n, dtype=gram.dtype, device=gram.device))
     cov = phi_train.T @ phi_train
     cov.diagonal().add_(damping)
-    return torch.linalg.solve(cov, phi_train.T), "primal"
+    return torch.linalg.solve(cov, phi_train.T)
 
 
 class Scorer:
@@ -181,7 +179,7 @@ class TRAK(Scorer):
         return float((phi * phi).sum()) / phi.shape[0]
 
     def prepare(self, train: FeatureRecord) -> Tensor:
-        return _solve_kernel(train.phi, self.lam(train.phi))[0]
+        return _solve_kernel(train.phi, self.lam(train.phi))
 
     def finish(self, total: Tensor, n_checkpoints: int, n_runs: int, q_mean: Tensor) -> Tensor:
         return (total / n_checkpoints) * q_mean[None, :]
