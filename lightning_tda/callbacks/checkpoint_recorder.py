@@ -16,7 +16,7 @@ from lightning_tda.callbacks.recording import (
     model_description,
     open_store,
 )
-from lightning_tda.store import RunStore, StoreError
+from lightning_tda.store import RunStore
 
 
 def checkpoint_tag(epoch: int, global_step: int) -> str:
@@ -103,10 +103,8 @@ class CheckpointRecorder(Callback):
         tag = checkpoint_tag(trainer.current_epoch, trainer.global_step)
         if trainer.is_global_zero:
             existing = self.store.manifest["checkpoints"]
-            same_step = [t for t, meta in existing.items() if meta.get("global_step") == trainer.global_step]
-            if tag in existing and existing[tag].get("global_step") != trainer.global_step:
-                raise StoreError(f"checkpoint {tag!r} exists at another step: record into a new store")
-            if not same_step:
+            # the tag holds the step, so one saved at this step (a resumed run) is never rewritten
+            if not any(meta.get("global_step") == trainer.global_step for meta in existing.values()):
                 self.store.save_checkpoint(
                     tag,
                     pl_module.state_dict(),
