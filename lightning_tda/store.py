@@ -19,18 +19,21 @@ JSON, zarr and safetensors only.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import fsspec
 import numpy as np
 import torch
 import zarr
+from zarr.core.sync import sync as zarr_sync
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -132,6 +135,8 @@ class RunStore:
         self._check_schema(self.manifest)
         self._group = zarr.open_group(self._zarr_url(), mode="a")
         self._handles: dict[str, zarr.Array] = {}
+        self._writer: ThreadPoolExecutor | None = None  # background block writes (write_blocks)
+        self._pending: list[Future[None]] = []
 
     # ------------------------------------------------------------------ paths and manifest
     def _join(self, *parts: str) -> str:
@@ -236,6 +241,8 @@ class RunStore:
 
     # ------------------------------------------------------------------ arrays
     def has_array(self, name: str) -> bool:
+        if name in self._handles:
+            return True
         try:
             return isinstance(self._group.get(name), zarr.Array)
         except (KeyError, ValueError):
@@ -262,6 +269,7 @@ class RunStore:
         """Forget cached array handles, so shapes grown by another process are seen.
 
         Recorders call it after every barrier; single-process users never need it."""
+        self.flush()
         self._handles.clear()
 
     def layout(self, name: str) -> ArrayLayout:
@@ -296,6 +304,7 @@ class RunStore:
     ) -> ArrayLayout:
         """Create array ``name`` (filled with NaN/0) and its completion mask, or check the existing
         one has this shape (the row axis's leading axes may have grown) and dtype."""
+        self.flush()
         dtype = np.dtype(dtype)
         if any(int(s) < 0 for s in shape) or not 0 <= row_axis < len(shape):
             raise ValueError(f"bad shape {shape} / row_axis {row_axis} for array {name!r}")
@@ -336,40 +345,122 @@ class RunStore:
             raise StoreError(f"array {name!r} was created concurrently with another shape/dtype: {layout}")
         return self.layout(name)
 
-    def grow(self, name: str, n_leading: int) -> None:
-        """Grow axis 0 of an array whose row axis is 1 (a new record of margins) to ``n_leading``."""
-        layout = self.layout(name)
-        if layout.row_axis == 0:
-            raise StoreError(f"array {name!r} has its rows on axis 0; only leading axes grow")
-        if n_leading <= layout.shape[0]:
+    def grow(self, names: str | Sequence[str], n_leading: int) -> None:
+        """Grow axis 0 of arrays whose row axis is 1 (a new record of margins) to ``n_leading``;
+        several arrays at once when ``names`` is a list (their resizes run concurrently)."""
+        handles: list[zarr.Array] = []
+        for name in [names] if isinstance(names, str) else names:
+            layout = self.layout(name)
+            if layout.row_axis == 0:
+                raise StoreError(f"array {name!r} has its rows on axis 0; only leading axes grow")
+            if n_leading > layout.shape[0]:
+                handles += [self._array(name), self._mask(name)]
+        if not handles:
             return
-        self._array(name).resize((n_leading, *layout.shape[1:]))
-        mask = self._mask(name)
-        mask.resize((n_leading, *mask.shape[1:]))
-        self.refresh()
+        self.flush()
+
+        async def resize_all() -> None:
+            # zarr updates each handle's metadata in place, so the cached handles stay valid.
+            await asyncio.gather(*(h.async_array.resize((n_leading, *h.shape[1:])) for h in handles))
+
+        zarr_sync(resize_all())
+
+    def trim(self, names: str | Sequence[str], n_leading: int) -> None:
+        """Cut axis 0 of arrays whose row axis is 1 back to ``n_leading`` (a recorder reserves
+        rows for the records it plans and gives back the ones it did not take)."""
+        handles: list[zarr.Array] = []
+        for name in [names] if isinstance(names, str) else names:
+            layout = self.layout(name)
+            if layout.row_axis == 0:
+                raise StoreError(f"array {name!r} has its rows on axis 0; only leading axes are trimmed")
+            if n_leading < layout.shape[0]:
+                handles += [self._array(name), self._mask(name)]
+        if not handles:
+            return
+        self.flush()
+
+        async def resize_all() -> None:
+            await asyncio.gather(*(h.async_array.resize((n_leading, *h.shape[1:])) for h in handles))
+
+        zarr_sync(resize_all())
 
     def write_block(self, name: str, start: int, values: np.ndarray | torch.Tensor, lead: tuple[int, ...] = ()) -> None:
         """Write rows ``[start, start + len(values))`` (at leading index ``lead``), then mark the
         block complete. ``start`` must be a block boundary and the rows a whole block."""
-        layout = self.layout(name)
-        if isinstance(values, torch.Tensor):
-            values = values.detach().cpu().numpy()
-        values = np.asarray(values)
-        if start % layout.block_rows:
-            raise StoreError(f"write to {name!r} starts at row {start}, not a block boundary")
-        block = start // layout.block_rows
-        lo, hi = layout.block_range(block)
-        if len(lead) != layout.row_axis or values.shape[0] != hi - lo:
-            raise StoreError(
-                f"write to {name!r} block {block} needs {hi - lo} rows at a leading index of "
-                f"{layout.row_axis} axes, got {values.shape[0]} rows at {lead}"
-            )
-        index = tuple(lead) + (slice(lo, hi),)
-        self._array(name)[index] = values.astype(layout.dtype, copy=False)
-        self._mask(name)[tuple(lead) + (block,)] = True
+        self.write_blocks([(name, start, values, lead)])
+
+    def write_blocks(
+        self,
+        writes: Sequence[tuple[str, int, np.ndarray | torch.Tensor, tuple[int, ...]]],
+        *,
+        wait: bool = True,
+    ) -> None:
+        """Write several row blocks ``(name, start, values, lead)`` at once, as :meth:`write_block`
+        does one: all the values concurrently, then all their completion flags, so a crash never
+        flags a block whose values are not stored.
+
+        With ``wait=False`` the writes run in a background thread while the caller goes on (a
+        recorder overlaps them with training); every other method of this store, and
+        :meth:`flush`, first waits for them and re-raises their error, if any.
+        """
+        data: list[tuple[zarr.Array, tuple[Any, ...], np.ndarray]] = []
+        flags: list[tuple[zarr.Array, tuple[int, ...]]] = []
+        for name, start, values, lead in writes:
+            layout = self.layout(name)
+            if isinstance(values, torch.Tensor):
+                values = values.detach().cpu().numpy()
+            values = np.asarray(values)
+            if start % layout.block_rows:
+                raise StoreError(f"write to {name!r} starts at row {start}, not a block boundary")
+            block = start // layout.block_rows
+            lo, hi = layout.block_range(block)
+            if len(lead) != layout.row_axis or values.shape[0] != hi - lo:
+                raise StoreError(
+                    f"write to {name!r} block {block} needs {hi - lo} rows at a leading index of "
+                    f"{layout.row_axis} axes, got {values.shape[0]} rows at {lead}"
+                )
+            # A private copy when the write outlives this call: the caller may reuse its buffer.
+            values = values.astype(layout.dtype, copy=not wait)
+            data.append((self._array(name), tuple(lead) + (slice(lo, hi),), values))
+            flags.append((self._mask(name), tuple(lead) + (block,)))
+
+        def run() -> None:
+            self._store_values(data)
+            self._store_flags(flags)
+
+        if wait:
+            self.flush()
+            run()
+            return
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runstore-writer")
+        self._pending.append(self._writer.submit(run))
+
+    @staticmethod
+    def _store_values(data: Sequence[tuple[zarr.Array, tuple[Any, ...], np.ndarray]]) -> None:
+        async def write_all() -> None:
+            await asyncio.gather(*(arr.async_array.setitem(index, v) for arr, index, v in data))
+
+        zarr_sync(write_all())
+
+    @staticmethod
+    def _store_flags(flags: Sequence[tuple[zarr.Array, tuple[int, ...]]]) -> None:
+        async def flag_all() -> None:
+            await asyncio.gather(*(mask.async_array.setitem(index, True) for mask, index in flags))
+
+        zarr_sync(flag_all())
+
+    def flush(self) -> None:
+        """Wait for background writes (``write_blocks(wait=False)``); re-raise the first error."""
+        pending, self._pending = self._pending, []
+        errors = [f.exception() for f in pending]
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise StoreError(f"a background write to {self.path} failed: {first}") from first
 
     def completed_blocks(self, name: str, lead: tuple[int, ...] = ()) -> np.ndarray:
         """Completion flags of every block (at leading index ``lead``)."""
+        self.flush()
         mask = self._mask(name)[tuple(lead)]
         return np.asarray(mask, dtype=bool)
 
@@ -382,6 +473,7 @@ class RunStore:
 
     def is_complete(self, name: str) -> bool:
         """Whether every block of ``name`` (at every leading index) has been written."""
+        self.flush()
         return bool(np.asarray(self._mask(name)[...]).all())
 
     def read(self, name: str, rows: slice | None = None, lead: tuple[int, ...] = ()) -> np.ndarray:
@@ -389,6 +481,7 @@ class RunStore:
 
         Incomplete blocks read as NaN (float) or 0; check :meth:`is_complete` first when it matters.
         """
+        self.flush()
         layout = self.layout(name)
         index = tuple(lead) + (slice(None),) * (layout.row_axis - len(lead)) + (rows or slice(None),)
         return np.asarray(self._array(name)[index])

@@ -46,6 +46,38 @@ def test_records_axis_grows(tmp_path):
     assert store.read("margins/val").shape == (2, 5)
 
 
+def test_background_block_writes(tmp_path):
+    store = RunStore(tmp_path / "run")
+    store.ensure_array("margins/val", (1, 5), "float32", row_axis=1, block_rows=2)
+    store.ensure_array("preds/val", (1, 5), "int64", row_axis=1, block_rows=2)
+    store.grow(["margins/val", "preds/val"], 3)  # several arrays at once
+    assert store.layout("margins/val").shape == (3, 5) and store.layout("preds/val").shape == (3, 5)
+    buffer = np.arange(5, dtype=np.float32)
+    writes = [("margins/val", s, buffer[s : s + 2], (2,)) for s in (0, 2, 4)]
+    writes += [("preds/val", 0, np.array([7, 8]), (2,))]
+    store.write_blocks(writes, wait=False)
+    buffer[:] = -1  # the caller may reuse its buffer at once: the store wrote a copy
+    # any read waits for the background writes first
+    np.testing.assert_array_equal(store.read("margins/val")[2], np.arange(5, dtype=np.float32))
+    assert store.incomplete_blocks("preds/val", lead=(2,)) == [(2, 4), (4, 5)]
+    assert RunStore(tmp_path / "run", create=False).completed_blocks("margins/val", (2,)).all()
+
+
+def test_background_write_errors_surface(tmp_path, monkeypatch):
+    store = RunStore(tmp_path / "run")
+    store.ensure_array("x", (4,), "float32", block_rows=2)
+
+    def broken(data):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(RunStore, "_store_values", staticmethod(broken))
+    store.write_blocks([("x", 0, np.zeros(2), ())], wait=False)
+    with pytest.raises(StoreError, match="background write .* failed: disk full"):
+        store.flush()
+    monkeypatch.undo()
+    assert store.incomplete_blocks("x") == [(0, 2), (2, 4)]  # nothing flagged complete
+
+
 def test_block_writes_must_be_whole_blocks(tmp_path):
     store = RunStore(tmp_path / "run")
     store.ensure_array("x", (10,), "float32", block_rows=4)
