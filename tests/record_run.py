@@ -2,8 +2,8 @@
 
     python tests/record_run.py ROOT [--kill-at N --kill-phase before|between|after] [--resume]
 
-With ``--kill-at N`` the process SIGKILLs itself at the N-th block write of the store, before the
-values, between the values and the completion flag, or after both (``--kill-phase``).
+With ``--kill-at N`` the process SIGKILLs itself at the write that holds the N-th block written to the
+store: before the values, between the values and the completion flags, or after both (``--kill-phase``).
 """
 
 from __future__ import annotations
@@ -23,27 +23,28 @@ from lightning_tda.store import RunStore
 
 
 def install_kill_switch(kill_at: int, phase: str) -> None:
-    original_write = RunStore.write_block
-    original_mask = RunStore._mask
+    """SIGKILL this process around the ``kill_at``-th block write (counted over all writes)."""
+    original_values = RunStore._store_values
+    original_flags = RunStore._store_flags
     calls = {"n": 0, "armed": False}
 
-    def write_block(self, name, start, values, lead=()):
-        calls["n"] += 1
-        if calls["n"] == kill_at:
+    def store_values(data):
+        calls["n"] += len(data)
+        if calls["n"] >= kill_at and not calls["armed"]:
             if phase == "before":
                 os.kill(os.getpid(), signal.SIGKILL)
             calls["armed"] = True
-        original_write(self, name, start, values, lead)
+        original_values(data)
+
+    def store_flags(flags):
+        if calls["armed"] and phase == "between":
+            os.kill(os.getpid(), signal.SIGKILL)
+        original_flags(flags)
         if calls["armed"] and phase == "after":
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def mask(self, name):
-        if calls["armed"] and phase == "between":
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original_mask(self, name)
-
-    RunStore.write_block = write_block  # type: ignore[method-assign]
-    RunStore._mask = mask  # type: ignore[method-assign]
+    RunStore._store_values = staticmethod(store_values)  # type: ignore[method-assign]
+    RunStore._store_flags = staticmethod(store_flags)  # type: ignore[method-assign]
 
 
 def main() -> None:

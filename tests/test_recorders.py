@@ -194,7 +194,7 @@ def test_nan_outputs_are_recorded_and_reported(tmp_path):
         out[::50] = float("nan")
         return out
 
-    rec = MarginRecorder(tmp_path / "s", splits=("val",), output_fn=nan_margin, on_fit_end=False)
+    rec = MarginRecorder(tmp_path / "s", splits=("val",), output_fn=nan_margin, on_fit_end=False, batch_size=4096)
     with pytest.warns(RuntimeWarning, match=r"non-finite outputs in split 'val'.*examples \[0, 50"):
         fit(tmp_path, [rec], epochs=1)
     values = RunStore(tmp_path / "s", create=False).read("outputs/val")[0]
@@ -260,3 +260,29 @@ def test_models_that_cannot_take_channels_last_still_record(tmp_path):
     with torch.no_grad():
         expected = margin_from_logits(model.eval()(images), labels).numpy()
     np.testing.assert_allclose(RunStore(path, create=False).read("margins/rgb")[0], expected, rtol=1e-5, atol=1e-5)
+
+
+class StopAfter(L.Callback):
+    """Stops training after ``epochs`` epochs and remembers the margin array's rows mid-fit."""
+
+    def __init__(self, store_path, epochs):
+        self.store_path, self.epochs, self.rows_mid_fit = store_path, epochs, None
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == 0:
+            self.rows_mid_fit = RunStore(self.store_path, create=False).layout("margins/val").shape[0]
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+def test_rows_reserved_for_planned_records_are_given_back(tmp_path):
+    # 6 epochs planned (every epoch + fit end), training stops after 2: rows for the planned
+    # records are reserved at the first record, and the ones not taken are trimmed at the end.
+    path = tmp_path / "s"
+    stopper = StopAfter(path, epochs=2)
+    fit(tmp_path, [MarginRecorder(path, splits=("val",)), stopper], epochs=6)
+    assert stopper.rows_mid_fit == 7  # this record, 5 later epochs, fit end
+    store = RunStore(path, create=False)
+    assert [r["tag"] for r in store.manifest["records"]["margins"]] == ["epoch=0", "epoch=1"]
+    for name in ("margins/val", "losses/val", "preds/val"):
+        assert store.layout(name).shape[0] == 2 and store.is_complete(name)
