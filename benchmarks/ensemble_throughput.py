@@ -4,11 +4,15 @@ Subset training as in a datamodels sweep: M = 64 ``DigitsCNN`` copies, each on i
 ``alpha = 0.5`` subset of the digits training split, SGD (lr 0.05, momentum 0.9, weight decay
 5e-4), the same number of epochs.
 
-- ours: one ``EnsembleModule`` fit on the full split in batches of ``B`` with the masks (copy m
-  takes ``n / B`` steps per epoch on about ``alpha * B`` of its examples each);
+- ours (``--stream per-copy``, the default): one ``EnsembleModule`` fit on per-copy batch
+  streams (``per_copy_loader``): at every step copy m takes exactly ``b = alpha * B`` examples of
+  its own subset, in its own shuffle, so no example is masked out;
+- ours (``--stream shared``): one fit on the full split in shared batches of ``B`` with the masks
+  (copy m takes ``n / B`` steps per epoch on about ``alpha * B`` of its examples each, compacted
+  and padded to the largest count in the batch);
 - baseline: M fits of ``ImageClassifier(DigitsCNN())`` with a new ``Trainer`` each, on the
-  masked subset in batches of ``alpha * B`` (so the same ``n / B`` steps per epoch of the same
-  expected size);
+  masked subset in shuffled batches of ``b = alpha * B`` (the same subsets, batch size and
+  number of steps as the ensemble's copies);
 - second baseline: the same M trainings as plain PyTorch loops (no Lightning), which shows how
   much of the ratio is framework overhead rather than arithmetic.
 
@@ -37,10 +41,11 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from lightning_tda.data import DigitsDataModule
-from lightning_tda.ensemble import EnsembleModule, indexed_loader, random_subset_masks
+from lightning_tda.ensemble import EnsembleModule, indexed_loader, per_copy_loader, random_subset_masks
 from lightning_tda.models import DigitsCNN, ImageClassifier
 
 HP = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
+MASK_SEED, STREAM_SEED = 0, 1  # distinct: a loader seed s would replay random_subset_masks(seed=s) rows
 RESULTS = Path(__file__).parent / "results" / "ensemble_throughput.md"
 
 
@@ -57,6 +62,11 @@ def trainer(epochs: int) -> L.Trainer:
     )
 
 
+def subset_batch(args: argparse.Namespace) -> int:
+    """The batch size of one copy / one sequential fit: ``alpha * B``."""
+    return max(1, round(args.alpha * args.batch_size))
+
+
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(-1) == y).float().mean())
 
@@ -64,7 +74,11 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
 def run_ensemble(train, val, masks, args) -> tuple[float, float]:
     start = time.perf_counter()
     ens = EnsembleModule(DigitsCNN, num_models=len(masks), masks=masks, optimizer="sgd", **HP)
-    trainer(args.epochs).fit(ens, indexed_loader(train, args.batch_size, seed=0))
+    if args.stream == "per-copy":
+        loader = per_copy_loader(train, subset_batch(args), masks, seed=STREAM_SEED, preload=True)
+    else:
+        loader = indexed_loader(train, args.batch_size, seed=STREAM_SEED)
+    trainer(args.epochs).fit(ens, loader)
     seconds = time.perf_counter() - start
     ens.eval()
     with torch.no_grad():
@@ -91,7 +105,7 @@ def fit_plain(model: torch.nn.Module, loader: DataLoader, epochs: int) -> torch.
 
 def run_sequential(train, val, masks, args, fit) -> tuple[float, float]:
     """M separate trainings, one after another, each on its subset in batches of alpha * B."""
-    batch = max(1, round(args.alpha * args.batch_size))
+    batch = subset_batch(args)
     accs = []
     start = time.perf_counter()
     for m, mask in enumerate(masks):
@@ -126,6 +140,10 @@ def main() -> str:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--stream", choices=("per-copy", "shared"), default="per-copy",
+        help="ensemble batches: per-copy streams of alpha*B, or shared batches of B with masks",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help=f"markdown file (full mode: {RESULTS})")
     args = parser.parse_args()
@@ -137,7 +155,7 @@ def main() -> str:
     dm = DigitsDataModule(n_train=128 if args.quick else None)
     dm.setup("fit")
     train, val = dm.recording_dataset("train"), dm.recording_dataset("val")
-    masks = random_subset_masks(args.models, len(train), args.alpha, seed=0)
+    masks = random_subset_masks(args.models, len(train), args.alpha, seed=MASK_SEED)
     load_before = os.getloadavg()[0]
     ours, base, plain, ratios, plain_ratios, accs = [], [], [], [], [], ([], [], [])
     for _ in range(args.repeats):
@@ -173,12 +191,16 @@ def main() -> str:
         f"{os.cpu_count()} CPUs; load average {load_before:.1f} before, {load_after:.1f} after",
         f"- torch {torch.__version__}, lightning {L.__version__}; "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- batch {args.batch_size} (ensemble, full split with masks) vs "
-        f"{max(1, round(args.alpha * args.batch_size))} (each sequential fit, its subset): the "
-        "same steps per epoch; each sequential fit builds its own Trainer, as a sweep script would",
+        (f"- per-copy streams: each copy and each sequential fit takes batches of "
+         f"{subset_batch(args)} from its own subset, the same steps"
+         if args.stream == "per-copy" else
+         f"- shared stream: batch {args.batch_size} (ensemble, full split with masks) vs "
+         f"{subset_batch(args)} (each sequential fit, its subset): the same steps per epoch")
+        + "; each sequential fit builds its own Trainer, as a sweep script would",
         f"- command: `python benchmarks/ensemble_throughput.py"
         f"{' --quick' if args.quick else ''} --models {args.models} --epochs {args.epochs} "
-        f"--repeats {args.repeats}{'' if args.threads is None else f' --threads {args.threads}'}`",
+        f"--repeats {args.repeats}{'' if args.threads is None else f' --threads {args.threads}'}"
+        f"{'' if args.stream == 'per-copy' else ' --stream shared'}`",
         "",
     ])
     print(table)

@@ -8,6 +8,8 @@
   gradient clipping.
 - ``data.py``: :class:`IndexedDataset` / :class:`IndexedDataModule` (batches ``(x, y, index)``),
   :class:`SeededShuffleSampler` (a resumable shuffle), :func:`random_subset_masks`.
+- ``per_copy.py``: per-copy batch streams (:func:`per_copy_loader`, :class:`PerCopyBatchSampler`):
+  each copy draws exactly ``b`` examples of its own subset a step, so nothing is masked out.
 - ``augment.py``: per-copy augmentation (:func:`augmentation_generator`, :class:`BatchRandomShift`).
 """
 
@@ -22,6 +24,7 @@ from lightning_tda.ensemble.data import (
 )
 from lightning_tda.ensemble.module import EnsembleModule
 from lightning_tda.ensemble.optim import PerCopyLearningRate, build_optimizer, clip_grad_norm_per_copy
+from lightning_tda.ensemble.per_copy import PerCopyBatchSampler, per_copy_loader, per_copy_seed
 from lightning_tda.ensemble.stacking import StackedModel, StackingError, build_copies
 
 __all__ = [
@@ -30,6 +33,7 @@ __all__ = [
     "EnsembleModule",
     "IndexedDataModule",
     "IndexedDataset",
+    "PerCopyBatchSampler",
     "PerCopyLearningRate",
     "SeededShuffleSampler",
     "StackedModel",
@@ -40,5 +44,7 @@ __all__ = [
     "clip_grad_norm_per_copy",
     "indexed_loader",
     "parse_indexed_batch",
+    "per_copy_loader",
+    "per_copy_seed",
     "random_subset_masks",
 ]

@@ -26,9 +26,15 @@ def augmentation_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(mix_seed(seed, step))
 
 
-def augment_per_copy(augment: Augment, x: Tensor, seeds: Sequence[int], step: int) -> Tensor:
-    """``[len(seeds), batch, ...]``: the shared batch ``x`` augmented once per copy seed."""
-    return torch.stack([augment(x, augmentation_generator(seed, step)) for seed in seeds])
+def augment_per_copy(
+    augment: Augment, x: Tensor, seeds: Sequence[int], step: int, per_copy_inputs: bool = False
+) -> Tensor:
+    """``[len(seeds), batch, ...]``: the shared batch ``x`` augmented once per copy seed, or with
+    ``per_copy_inputs`` row ``k`` of ``x [len(seeds), batch, ...]`` augmented with seed ``k``."""
+    return torch.stack([
+        augment(x[k] if per_copy_inputs else x, augmentation_generator(seed, step))
+        for k, seed in enumerate(seeds)
+    ])
 
 
 class BatchRandomShift:

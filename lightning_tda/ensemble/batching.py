@@ -28,12 +28,18 @@ def example_coefficients(
     device: torch.device | str | None = None,
 ) -> Tensor:
     """``[num_models, batch_size]`` coefficients ``mask * weight / Z`` of the batch's examples
-    (``index``: their dataset positions; only needed with masks or weights)."""
+    (``index``: their dataset positions, ``[batch]`` for a shared batch or ``[num_models, batch]``
+    for per-copy batches; only needed with masks or weights)."""
+
+    def take(table: Tensor) -> Tensor:
+        rows = table[:, index] if index.ndim == 1 else table.gather(1, index.to(table.device))
+        return rows.to(dtype)
+
     if masks is None:
         mask = torch.ones(num_models, batch_size, dtype=dtype, device=device)
     else:
-        mask = masks[:, index].to(dtype)
-    weight = mask if weights is None else mask * weights[:, index].to(dtype)
+        mask = take(masks)
+    weight = mask if weights is None else mask * take(weights)
     if normalization == "mask_count":
         denom = mask.sum(1).clamp(min=1.0)
     elif normalization == "batch_size":

@@ -154,9 +154,10 @@ def parse_indexed_batch(
         )
     if index is not None:
         index = torch.as_tensor(index)
-        if index.dtype.is_floating_point or index.dtype == torch.bool or index.ndim != 1:
+        if index.dtype.is_floating_point or index.dtype == torch.bool or index.ndim not in (1, 2):
             raise ValueError(
-                f"the batch's third element must be the example indices (1-d integers), got "
+                f"the batch's third element must be the example indices (1-d integers, or 2-d "
+                f"[num_models, batch] for per-copy batches), got "
                 f"{tuple(index.shape)} {index.dtype}"
             )
     return x, y, index
@@ -164,7 +165,11 @@ def parse_indexed_batch(
 
 def random_subset_masks(num_models: int, n: int, alpha: float, seed: int = 0) -> Tensor:
     """``[num_models, n]`` bool masks, row ``m`` a uniformly random subset of exactly
-    ``round(alpha * n)`` examples drawn from ``(seed, m)`` alone (so shards agree on row ``m``)."""
+    ``round(alpha * n)`` examples drawn from ``(seed, m)`` alone (so shards agree on row ``m``).
+
+    Use a loader seed different from ``seed``: ``indexed_loader(..., seed=seed)`` shuffles epoch
+    ``e`` with the same permutation that drew row ``e``, so copy ``e``'s subset would come first
+    in that epoch (the rows stay uniformly random; the batch order of those copies would not)."""
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
     size = int(round(alpha * n))

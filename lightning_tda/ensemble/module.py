@@ -23,6 +23,13 @@ its examples (its loss is then 0, but momentum and weight decay still act, as in
 With masks, copy ``m`` is thus SGD on its subset in a uniformly shuffled order with batches of
 about ``alpha * batch_size`` examples.
 
+Per-copy streams: a batch whose index is 2-d, ``(x [M, b, ...], y [M, b, ...], index [M, b])``
+(:func:`~lightning_tda.ensemble.per_copy.per_copy_loader`), gives each copy its own batch: copy
+``m`` is trained on row ``m`` with the same loss ``L_m`` (``B`` = its own ``b`` examples). With
+the per-copy loader, copy ``m`` is thus a separate training on its subset in batches of exactly
+``b`` from its own seeded shuffle (defined in :mod:`lightning_tda.ensemble.per_copy`), with no
+masked-out examples to compute on; BatchNorm statistics are then over the copy's own batch.
+
 BatchNorm: supported, with running statistics tracked per copy (each copy's buffers are updated
 in place under vmap, exactly as in a separate training). Note that batch statistics in training
 mode are computed over the whole shared batch, out-of-subset examples included, so with masks a
@@ -260,7 +267,8 @@ class EnsembleModule(L.LightningModule):
             rank_zero_warn(
                 "EnsembleModule: the model has BatchNorm and masks are given; batch statistics "
                 "are computed over the whole shared batch, out-of-subset examples included, so a "
-                "copy is not independent of the examples outside its subset (use GroupNorm or "
+                "copy is not independent of the examples outside its subset with a shared batch "
+                "stream (use per_copy_loader, whose batches are each copy's own, or GroupNorm or "
                 "LayerNorm for subset training)"
             )
         if example_input is not None:
@@ -322,19 +330,39 @@ class EnsembleModule(L.LightningModule):
         return compaction_indices(coef) if self.compact else None
 
     def _chunk_batch(
-        self, x: Tensor, y: Tensor, coef: Tensor, select: Tensor | None, start: int, stop: int
+        self,
+        x: Tensor,
+        y: Tensor,
+        coef: Tensor,
+        select: Tensor | None,
+        start: int,
+        stop: int,
+        per_copy_batch: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor, bool]:
         """``(inputs, targets, coef, per_copy_inputs)`` of copies ``start:stop``: the shared
-        batch, or one batch per copy when augmented and/or compacted."""
+        batch, or one batch per copy when the batch is per copy, augmented and/or compacted."""
         coef = coef[start:stop]
-        per_copy = self.augment is not None
-        if per_copy:
+        if per_copy_batch:
+            x, y = x[start:stop], y[start:stop]
+        per_copy = self.augment is not None or per_copy_batch
+        if self.augment is not None:
             seeds = self.augmentation_seeds[start:stop].tolist()
-            x = augment_per_copy(self.augment, x, seeds, self.global_step)
+            x = augment_per_copy(self.augment, x, seeds, self.global_step, per_copy_batch)
         if select is None:
             return x, y, coef, per_copy
         select = select[start:stop]
         return take_examples(x, select, per_copy), y[select], coef.gather(1, select), True
+
+    def _check_per_copy_batch(self, x: Tensor, y: Tensor, index: Tensor) -> None:
+        """A per-copy batch must hold one row per copy: ``x [M, b, ...]``, ``y [M, b, ...]``."""
+        M, b = self.num_models, index.shape[1]
+        shapes = {"index": tuple(index.shape), "x": tuple(x.shape[:2]), "y": tuple(y.shape[:2])}
+        if any(shape != (M, b) for shape in shapes.values()):
+            raise ValueError(
+                f"a per-copy batch (2-d index) needs index [M={M}, b], x [M, b, ...] and y "
+                f"[M, b, ...], got leading shapes {shapes}; build it with per_copy_loader(dataset, "
+                "batch_size, masks) with this module's masks (or num_models)"
+            )
 
     def _trainable(self) -> list[Tensor]:
         return [p for p in self.stacked_model.parameters() if p.requires_grad]
@@ -342,17 +370,23 @@ class EnsembleModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         needs_index = self.masks is not None or self.example_weights is not None
         x, y, index = parse_indexed_batch(batch, self.batch_fn, require_index=needs_index)
+        per_copy_batch = index is not None and index.ndim == 2
+        if per_copy_batch:
+            self._check_per_copy_batch(x, y, index)
         if batch_idx == 0:
             check_index(index, self.n_train)
-        coef = self.example_coefficients(index, len(y))
+        coef = self.example_coefficients(index, index.shape[1] if per_copy_batch else len(y))
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        select = self.compaction(coef)
+        select = None if per_copy_batch else self.compaction(coef)
         losses = []
         for start, stop in self.chunks():
-            inputs, targets, chunk_coef, per_copy = self._chunk_batch(x, y, coef, select, start, stop)
+            inputs, targets, chunk_coef, per_copy = self._chunk_batch(
+                x, y, coef, select, start, stop, per_copy_batch
+            )
             outputs = self.stacked_model(inputs, start, stop, per_copy, self.hparams.randomness)
-            per_example = self.per_example_loss(outputs, targets, per_copy_targets=select is not None)
+            per_copy_targets = select is not None or per_copy_batch
+            per_example = self.per_example_loss(outputs, targets, per_copy_targets=per_copy_targets)
             loss = (per_example * chunk_coef).sum(1)
             self.manual_backward(loss.sum())
             losses.append(loss.detach())
