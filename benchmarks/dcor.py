@@ -4,6 +4,7 @@ at n = 100,000, as ratios measured in one run.
     python benchmarks/dcor.py                 # full (several minutes on 2 CPU cores)
     python benchmarks/dcor.py --quick         # seconds (used by a test)
     python benchmarks/dcor.py --out benchmarks/results/dcor.md
+    python benchmarks/dcor.py --threads 2 1 --out ...   # the dcor comparison once per thread count
 
 1. **Against dcor** (CPU, float64 as dcor computes, n = 1,000 and 4,000, x of width 32 and y of
    width 16 depending on x, z of width 8 for the partial statistic): biased dCor, bias-corrected
@@ -20,13 +21,22 @@ at n = 100,000, as ratios measured in one run.
      ratio is against this one.
 
    Methods are interleaved repeat by repeat; each ratio is the median of per-repeat ratios
-   (baseline / ours) with its min-max. Ours in float32 is listed too (dcor has no float32 path).
+   (baseline / ours) with its min-max. In each repeat a method runs back to back for at least
+   ``SLOT_S`` seconds (timeit-style loops: 1 call for dcor, about 10 for ours at n = 1,000) and
+   its time is the mean per call: a single call right after a dcor call would also measure the
+   cache and TLB refill that dcor's large arrays cause (about +1 ms on a 4 ms call at n = 1,000;
+   +0.1 ms on a 150 us matrix product alone). Ours in float32 is listed too (dcor has no float32
+   path).
+   With several ``--threads`` counts the comparison runs once per count (torch limited to it,
+   numpy's BLAS at 1 thread, see ``set_threads``; SciPy's ``cdist`` is single-threaded anyway), each table with the machine's
+   load average before and after it (the machine may be shared with other jobs).
 2. **Blockwise at scale**: ``distance_correlation`` of x, y of shape ``[100000, 512]`` (float32,
    the default tile size), in a fresh subprocess: wall time, and peak memory as the growth of the
    process's resident-set high-water mark: after the inputs (0.38 GiB for x and y) are made, the
    mark is reset to the current RSS (``echo 5 > /proc/self/clear_refs``), and ``VmHWM`` from
    ``/proc/self/status`` after the call, minus that RSS, is the peak extra memory (exact, no
-   sampling). A dense computation would need four 37 GiB matrices.
+   sampling). A dense computation would need four 37 GiB matrices. It runs with the smallest
+   of the ``--threads`` counts.
 3. **GPU** (when CUDA is available): the same sizes on the GPU, timed with synchronisation, peak
    memory from ``torch.cuda.max_memory_allocated`` over the inputs.
 
@@ -40,6 +50,8 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import math
+import os
 import subprocess
 import sys
 import time
@@ -62,6 +74,8 @@ machine, markdown_table, ratio_spread = _common.machine, _common.markdown_table,
 spread, timed, today = _common.spread, _common.timed, _common.today
 
 ROOT = _HERE.parent
+SLOT_S = 0.05
+"""Each method's time in a repeat is the mean over back-to-back calls lasting at least this long."""
 
 
 def _data(n: int, dx: int, dy: int, dz: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -122,10 +136,12 @@ def against_dcor(sizes: list[int], widths: tuple[int, int, int], repeats: int) -
             times: dict[str, list[float]] = {m: [] for m in methods}
             for m, fn in methods.items():  # warm-up (numba, allocator)
                 fn()
+            loops = {m: max(1, math.ceil(SLOT_S / timed(fn))) for m, fn in methods.items()}
             for r in range(repeats):
                 order = list(methods)[r % len(methods):] + list(methods)[: r % len(methods)]
                 for m in order:
-                    times[m].append(timed(methods[m]))
+                    fn, calls = methods[m], loops[m]
+                    times[m].append(timed(lambda: [fn() for _ in range(calls)]) / calls)
             for base in ("dcor scipy", "dcor as installed"):
                 for mine in ("ours float64", "ours float32"):
                     ratio, rspread = ratio_spread(times[mine], times[base])
@@ -183,6 +199,24 @@ def blockwise_worker(n: int, d: int, block: int | None, device: str) -> dict:
     return out
 
 
+def set_threads(n: int) -> None:
+    """``n`` torch CPU threads; numpy's BLAS at 1 thread (threadpoolctl comes with scikit-learn).
+
+    dcor's paths make no BLAS products (its times are the same with 1 or 2 BLAS threads), but
+    OpenBLAS threads left spinning after each dcor call take the cores from torch's threads:
+    measured with 2 torch threads, our float64 dCor at n = 1,000 took 5.3 ms right after dcor
+    calls with 2 BLAS threads and 2.5 ms with 1, and dcor 103 ms against 105 ms."""
+    torch.set_num_threads(n)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
+
+
+def load() -> str:
+    """The 1-minute load average (other jobs on a shared machine inflate timings)."""
+    return f"{os.getloadavg()[0]:.2f}"
+
+
 def run_blockwise(n: int, d: int, block: int | None, device: str) -> dict:
     cmd = [sys.executable, __file__, "--threads", str(torch.get_num_threads()),
            "--blockwise-worker", json.dumps([n, d, block, device])]
@@ -212,15 +246,16 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--quick", action="store_true", help="small sizes, seconds")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", help="write the markdown report here")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's); 1 gives stable figures on a busy machine")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="torch (and numpy BLAS) CPU threads, one dcor comparison per count (default: "
+                             "torch's); 1 gives stable figures on a busy machine")
+    parser.add_argument("--skip-blockwise", action="store_true",
+                        help="leave out the blockwise run at scale (about 2 minutes)")
     parser.add_argument("--blockwise-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    thread_counts = args.threads or [torch.get_num_threads()]
     if args.threads:
-        torch.set_num_threads(args.threads)
-        from threadpoolctl import threadpool_limits  # numpy's BLAS too, for dcor (a scikit-learn dependency)
-
-        threadpool_limits(args.threads)
+        set_threads(args.threads[0])
     if args.blockwise_worker:
         print(json.dumps(blockwise_worker(*json.loads(args.blockwise_worker))))
         return ""
@@ -238,13 +273,26 @@ def main(argv: list[str] | None = None) -> str:
         print("\n".join(new), flush=True)
 
     emit(f"# dCor benchmark ({'quick' if args.quick else 'full'})", "",
-         f"machine: {machine()}; date: {today()}; torch {torch.__version__}", "")
-    rows, _ = against_dcor(sizes, widths, repeats)
-    emit(*["## Against the dcor package (CPU; ratio = dcor time / our time, paired per repeat)", "",
-              markdown_table(["figure", "ours", "baseline", "ratio (min-max)"], rows), ""])
+         f"machine: {machine().split(',')[0]}, {os.cpu_count()} cores; date: {today()}; torch {torch.__version__}", "")
+    for threads in thread_counts:
+        if args.threads:
+            set_threads(threads)
+        before = load()
+        rows, _ = against_dcor(sizes, widths, repeats)
+        emit(*[f"## Against the dcor package, {threads} thread{'s' * (threads > 1)} "
+               "(CPU; ratio = dcor time / our time, paired per repeat)", "",
+               f"load average (1 min) before / after: {before} / {load()}", "",
+               markdown_table(["figure", "ours", "baseline", "ratio (min-max)"], rows), ""])
 
-    cpu = run_blockwise(bn, bd, bb, "cpu")
-    emit(*["## Blockwise path (CPU)", "", markdown_table(
+    if args.threads:
+        set_threads(min(thread_counts))
+    before = load()
+    cpu = None if args.skip_blockwise else run_blockwise(bn, bd, bb, "cpu")
+    if cpu is None:
+        emit("## Blockwise path (CPU)", "", "Skipped (`--skip-blockwise`).", "")
+    else:
+        emit(*[f"## Blockwise path (CPU, {min(thread_counts)} thread{'s' * (min(thread_counts) > 1)})", "",
+           f"load average (1 min) before / after: {before} / {load()}", "", markdown_table(
         ["figure", "value"],
         [[f"distance_correlation, n={cpu['n']:,}, d={cpu['d']} (x and y), float32, "
           f"block {cpu['block'] or 'default (512 on the CPU)'}", ""],
@@ -255,10 +303,12 @@ def main(argv: list[str] | None = None) -> str:
          ["dCor value", f"{cpu['value']:.5f}"]]), ""])
 
     if torch.cuda.is_available():
-        gpu = run_blockwise(bn, bd, bb, "cuda")
-        emit(*["## GPU", "", markdown_table(["figure", "ours", "", ""], gpu_rows(sizes, widths, repeats) + [
-            [f"blockwise n={gpu['n']:,}, d={gpu['d']}: wall time", f"{gpu['seconds']:.2f} s", "", ""],
-            ["GPU peak memory growth over the inputs", gib(gpu["gpu_peak_growth_bytes"]), "", ""]]), ""])
+        gpu_table = gpu_rows(sizes, widths, repeats)
+        if not args.skip_blockwise:
+            gpu = run_blockwise(bn, bd, bb, "cuda")
+            gpu_table += [[f"blockwise n={gpu['n']:,}, d={gpu['d']}: wall time", f"{gpu['seconds']:.2f} s", "", ""],
+                          ["GPU peak memory growth over the inputs", gib(gpu["gpu_peak_growth_bytes"]), "", ""]]
+        emit(*["## GPU", "", markdown_table(["figure", "ours", "", ""], gpu_table), ""])
     else:
         emit("## GPU", "", "No CUDA device in this run: the GPU section (same code, `device='cuda'`) was skipped.", "")
 
