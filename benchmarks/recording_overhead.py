@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> str:
         digits = ("digits (200 train)", lambda: ImageClassifier(DigitsCNN()), lambda: DigitsDataModule(n_train=200), 1, 1)
         synth = ("synthetic 3x32x32 (512 train)", lambda: ImageClassifier(SmallConvNet()), lambda: SyntheticDataModule(512, 128), 1, 1)
     else:
-        digits = ("digits (1438 train / 359 val)", lambda: ImageClassifier(DigitsCNN()), lambda: DigitsDataModule(), 5, args.repeats)
+        digits = ("digits (1438 train / 359 val)", lambda: ImageClassifier(DigitsCNN()), lambda: DigitsDataModule(), 20, args.repeats)
         synth = ("synthetic 3x32x32 (10k train / 2k val)", lambda: ImageClassifier(SmallConvNet()), lambda: SyntheticDataModule(10_000, 2_000), 2, max(2, args.repeats // 2))
     rows = []
     for name, mm, md, epochs, repeats in (digits, synth):

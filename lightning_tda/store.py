@@ -331,13 +331,15 @@ class RunStore:
         # The mask first, so an array is never visible without its mask. Another process (a
         # shard) may create either at the same moment, or a killed one may have left the mask
         # alone: each step tolerates finding its array there, and the result is checked below.
+        # No compression: recorded floats (margins, projected gradients) do not compress, a flag
+        # is one byte, and skipping the codec makes each chunk write about a third cheaper.
         for path, kwargs in (
             (f"_complete/{name}", dict(shape=mask_shape, chunks=(1,) * len(mask_shape), dtype=bool, fill_value=False)),
             (name, dict(shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
                         attributes={"row_axis": row_axis, "block_rows": block_rows})),
         ):
             try:
-                self._group.create_array(path, **kwargs)
+                self._handles[path] = self._group.create_array(path, compressors=None, **kwargs)
             except zarr.errors.ContainsArrayError:
                 pass
         layout = self.layout(name)
