@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,17 @@ class SchemaVersionError(StoreError):
 
 class FingerprintMismatchError(StoreError):
     """The store was written for a different dataset."""
+
+
+_MANIFEST_LOCKS: dict[str, threading.Lock] = {}
+_MANIFEST_LOCKS_GUARD = threading.Lock()
+
+
+def _manifest_lock(path: str) -> threading.Lock:
+    """One lock per store path in this process: recorders open their own RunStore on one path,
+    and a background checkpoint write updates the manifest while the main thread may too."""
+    with _MANIFEST_LOCKS_GUARD:
+        return _MANIFEST_LOCKS.setdefault(path, threading.Lock())
 
 
 def validate_name(name: str, what: str = "name") -> str:
@@ -214,9 +226,10 @@ class RunStore:
 
         Only one process may update the manifest of a store (rank 0 under DDP).
         """
-        manifest = self.manifest
-        update(manifest)
-        self._write_manifest(manifest)
+        with _manifest_lock(self.path):
+            manifest = self.manifest
+            update(manifest)
+            self._write_manifest(manifest)
         return manifest
 
     def set_fingerprint(self, split: str, fingerprint: Mapping[str, Any], write: bool = True) -> None:
@@ -430,13 +443,17 @@ class RunStore:
             self._store_values(data)
             self._store_flags(flags)
 
+        self._run(run, wait)
+
+    def _run(self, work: Callable[[], None], wait: bool) -> None:
+        """Run ``work`` now (after earlier background work) or queue it on the writer thread."""
         if wait:
             self.flush()
-            run()
+            work()
             return
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runstore-writer")
-        self._pending.append(self._writer.submit(run))
+        self._pending.append(self._writer.submit(work))
 
     @staticmethod
     def _store_values(data: Sequence[tuple[zarr.Array, tuple[Any, ...], np.ndarray]]) -> None:
@@ -500,17 +517,30 @@ class RunStore:
         return self._join("checkpoints", validate_name(tag, "checkpoint tag") + ".safetensors")
 
     def save_checkpoint(
-        self, tag: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
+        self,
+        tag: str,
+        tensors: Mapping[str, torch.Tensor],
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        wait: bool = True,
     ) -> None:
-        """Save tensors as safetensors (pickle-free) and list the checkpoint in the manifest."""
+        """Save tensors as safetensors (pickle-free) and list the checkpoint in the manifest
+        (after the file is complete). The tensors are copied now; with ``wait=False`` the file
+        and the manifest are written in the background, as :meth:`write_blocks` does."""
         metadata = dict(metadata or {})
+        path = self._checkpoint_path(tag)
         flat = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-        blob = save_safetensors(flat, metadata={"lightning_tda": json.dumps(metadata, sort_keys=True)})
-        self._write_atomically(self._checkpoint_path(tag), blob)
-        self.update_manifest(lambda m: m["checkpoints"].__setitem__(tag, metadata))
+
+        def run() -> None:
+            blob = save_safetensors(flat, metadata={"lightning_tda": json.dumps(metadata, sort_keys=True)})
+            self._write_atomically(path, blob)
+            self.update_manifest(lambda m: m["checkpoints"].__setitem__(tag, metadata))
+
+        self._run(run, wait)
 
     def load_checkpoint(self, tag: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Load checkpoint ``tag``: ``(tensors, metadata)``. Never unpickles."""
+        self.flush()
         path = self._checkpoint_path(tag)
         if not self._fs.exists(path):
             raise StoreError(
@@ -526,12 +556,14 @@ class RunStore:
 
     def checkpoint_tags(self) -> list[str]:
         """Checkpoint tags in the order they were recorded (by global step)."""
+        self.flush()
         ckpts = self.manifest["checkpoints"]
         return sorted(ckpts, key=lambda t: (ckpts[t].get("global_step", 0), t))
 
     # ------------------------------------------------------------------ summary
     def summary(self) -> str:
         """A few readable lines: what was recorded, its shape and completeness."""
+        self.flush()
         m = self.manifest
         lines = [f"RunStore {self.path} (schema {m['schema_version']}, run {m.get('run_name')})"]
         for split, fp in sorted(m["fingerprints"].items()):

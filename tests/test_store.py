@@ -166,3 +166,16 @@ def test_fsspec_url_store():
     assert again.read("preds/val")[0, :2].tolist() == [4, 5]
     assert torch.equal(again.load_checkpoint("t")[0]["w"], torch.ones(2))
     assert "preds/val" in again.summary()
+
+
+def test_background_checkpoint_save(tmp_path):
+    store = RunStore(tmp_path / "run")
+    weights = {"w": torch.arange(6.0).reshape(2, 3)}
+    store.save_checkpoint("epoch=0-step=5", weights, {"global_step": 5}, wait=False)
+    weights["w"].zero_()  # training goes on: the store saved a copy taken at the call
+    other = RunStore(tmp_path / "run", create=False)  # another instance on the same path
+    other.update_manifest(lambda m: m.__setitem__("run_name", "concurrent"))
+    tensors, meta = store.load_checkpoint("epoch=0-step=5")  # waits for the background save
+    assert torch.equal(tensors["w"], torch.arange(6.0).reshape(2, 3)) and meta == {"global_step": 5}
+    manifest = RunStore(tmp_path / "run", create=False).manifest
+    assert manifest["run_name"] == "concurrent" and "epoch=0-step=5" in manifest["checkpoints"]
