@@ -20,6 +20,7 @@ JSON, zarr and safetensors only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -31,6 +32,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import fsspec
+
+try:
+    import fcntl
+except ImportError:  # Windows: manifest updates are serialised within a process only
+    fcntl = None  # type: ignore[assignment]
 import numpy as np
 import torch
 import zarr
@@ -160,7 +166,7 @@ class RunStore:
     def _create(self, run_name: str | None, algorithm: str | None, seed: int | None) -> None:
         try:
             self._fs.makedirs(self._join("checkpoints"), exist_ok=True)
-            probe = self._join(".write_probe")
+            probe = self._join(f".write_probe.{os.getpid()}.{threading.get_ident()}")
             with self._fs.open(probe, "wb") as f:
                 f.write(b"ok")
             self._fs.rm(probe)
@@ -171,20 +177,22 @@ class RunStore:
             ) from err
         from lightning_tda import __version__
 
-        self._write_manifest(
-            {
-                "schema_version": SCHEMA_VERSION,
-                "library_version": __version__,
-                "run_name": validate_name(run_name, "run name") if run_name else None,
-                "algorithm": algorithm,
-                "seed": seed,
-                "fingerprints": {},
-                "model": None,
-                "projection": None,
-                "records": {},
-                "checkpoints": {},
-            }
-        )
+        # Another process (a shard) may create the store at the same moment: the first manifest
+        # wins, and no later update of it is overwritten by a fresh one.
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "library_version": __version__,
+            "run_name": validate_name(run_name, "run name") if run_name else None,
+            "algorithm": algorithm,
+            "seed": seed,
+            "fingerprints": {},
+            "model": None,
+            "projection": None,
+            "records": {},
+            "checkpoints": {},
+        }
+        text = json.dumps(manifest, indent=2, sort_keys=True)
+        self._write_atomically(self._join("manifest.json"), text.encode(), replace=False)
 
     @staticmethod
     def _check_schema(manifest: Mapping[str, Any]) -> None:
@@ -203,19 +211,32 @@ class RunStore:
         with self._fs.open(self._join("manifest.json"), "r") as f:
             return json.load(f)
 
-    def _write_atomically(self, target: str, data: bytes) -> None:
+    def _write_atomically(self, target: str, data: bytes, *, replace: bool = True) -> bool:
         """Write a whole file so a reader (or a crash) sees the old or the new file, never half:
-        locally a synced temporary file renamed over the target; remote stores write whole objects."""
+        locally a synced temporary file renamed over the target; remote stores write whole objects.
+        With ``replace=False`` an existing target is kept (locally an atomic no-clobber link, so
+        of two processes creating a store at once exactly one writes). Returns whether it wrote."""
         if self._is_local:
-            tmp = f"{target}.{os.getpid()}.partial"
+            tmp = f"{target}.{os.getpid()}.{threading.get_ident()}.partial"
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, target)
-        else:
-            with self._fs.open(target, "wb") as f:
-                f.write(data)
+            if replace:
+                os.replace(tmp, target)
+                return True
+            try:
+                os.link(tmp, target)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.remove(tmp)
+        if not replace and self._fs.exists(target):
+            return False
+        with self._fs.open(target, "wb") as f:
+            f.write(data)
+        return True
 
     def _write_manifest(self, manifest: Mapping[str, Any]) -> None:
         text = json.dumps(manifest, indent=2, sort_keys=True)
@@ -224,13 +245,28 @@ class RunStore:
     def update_manifest(self, update: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         """Read, modify in place with ``update(manifest)``, and atomically write the manifest.
 
-        Only one process may update the manifest of a store (rank 0 under DDP).
+        Updates are serialised across threads and, on a local store, across processes; on a
+        remote store only one process may update the manifest (rank 0 under DDP).
         """
-        with _manifest_lock(self.path):
+        with _manifest_lock(self.path), self._manifest_file_lock():
             manifest = self.manifest
             update(manifest)
             self._write_manifest(manifest)
         return manifest
+
+    @contextlib.contextmanager
+    def _manifest_file_lock(self) -> Iterator[None]:
+        """Across processes (shards, DDP ranks) on a local store: an advisory lock on
+        ``.manifest.lock`` around each read-modify-write of the manifest."""
+        if not self._is_local or fcntl is None:
+            yield  # remote stores: one process writes the manifest (rank 0), as documented
+            return
+        with open(self._join(".manifest.lock"), "a") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     def set_fingerprint(self, split: str, fingerprint: Mapping[str, Any], write: bool = True) -> None:
         """Record ``split``'s dataset fingerprint, or check it equals the one recorded.
