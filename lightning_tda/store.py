@@ -403,12 +403,20 @@ class RunStore:
     def grow(self, names: str | Sequence[str], n_leading: int) -> None:
         """Grow axis 0 of arrays whose row axis is 1 (a new record of margins) to ``n_leading``;
         several arrays at once when ``names`` is a list (their resizes run concurrently)."""
+        self._resize_leading(names, n_leading, grow=True)
+
+    def trim(self, names: str | Sequence[str], n_leading: int) -> None:
+        """Cut axis 0 of arrays whose row axis is 1 back to ``n_leading`` (a recorder reserves
+        rows for the records it plans and gives back the ones it did not take)."""
+        self._resize_leading(names, n_leading, grow=False)
+
+    def _resize_leading(self, names: str | Sequence[str], n_leading: int, grow: bool) -> None:
         handles: list[zarr.Array] = []
         for name in [names] if isinstance(names, str) else names:
             layout = self.layout(name)
             if layout.row_axis == 0:
-                raise StoreError(f"array {name!r} has its rows on axis 0; only leading axes grow")
-            if n_leading > layout.shape[0]:
+                raise StoreError(f"array {name!r} has its rows on axis 0; only leading axes are resized")
+            if (n_leading > layout.shape[0]) if grow else (n_leading < layout.shape[0]):
                 handles += [self._array(name), self._mask(name)]
         if not handles:
             return
@@ -416,25 +424,6 @@ class RunStore:
 
         async def resize_all() -> None:
             # zarr updates each handle's metadata in place, so the cached handles stay valid.
-            await asyncio.gather(*(h.async_array.resize((n_leading, *h.shape[1:])) for h in handles))
-
-        zarr_sync(resize_all())
-
-    def trim(self, names: str | Sequence[str], n_leading: int) -> None:
-        """Cut axis 0 of arrays whose row axis is 1 back to ``n_leading`` (a recorder reserves
-        rows for the records it plans and gives back the ones it did not take)."""
-        handles: list[zarr.Array] = []
-        for name in [names] if isinstance(names, str) else names:
-            layout = self.layout(name)
-            if layout.row_axis == 0:
-                raise StoreError(f"array {name!r} has its rows on axis 0; only leading axes are trimmed")
-            if n_leading < layout.shape[0]:
-                handles += [self._array(name), self._mask(name)]
-        if not handles:
-            return
-        self.flush()
-
-        async def resize_all() -> None:
             await asyncio.gather(*(h.async_array.resize((n_leading, *h.shape[1:])) for h in handles))
 
         zarr_sync(resize_all())
