@@ -283,6 +283,18 @@ def _tile_distances(
     return t
 
 
+def _distance_tiles(ops: Sequence[_Operand], width: int) -> Iterator[tuple[int, int, int, int, Tensor]]:
+    """``(i0, i1, j0, j1, distances [k, i1 - i0, j1 - j0])`` over the tiles of the upper triangle
+    (:func:`_tile_distances`), in one reused buffer: a tile's distances are valid until the next."""
+    rows, n = ops[0].rows, ops[0].rhs.shape[0]
+    buffer = ops[0].rhs.new_empty(len(ops) * rows * min(width, n))
+    mask = _upper_mask(ops, rows)
+    for i0, i1, j0, j1 in _tiles(n, rows, width):
+        if j0 == i0:
+            block = _RowBlock(ops, mask, i0, i1)
+        yield i0, i1, j0, j1, _tile_distances(ops, block, i0, i1, j0, j1, buffer)
+
+
 @contextlib.contextmanager
 def _full_precision_matmul(x: Tensor) -> Iterator[None]:
     """float32 products in full precision (no TF32) on GPUs while tiles are computed: the
@@ -316,15 +328,10 @@ class _BlockwiseTerms(torch.autograd.Function):
         k, n = len(xs), xs[0].shape[0]
         acc = torch.float64
         r = torch.zeros(k, n, dtype=acc, device=xs[0].device)
-        buffer = xs[0].new_empty(k * rows * min(width, n))
         pairs = [(p, q) for p in range(k) for q in range(p, k)]
         upper = torch.zeros(len(pairs), dtype=acc, device=xs[0].device)
         dots: list[Tensor] = []  # per tile and pair, added to `upper` in float64 now and then
-        mask = _upper_mask(ops, rows)
-        for i0, i1, j0, j1 in _tiles(n, rows, width):
-            if j0 == i0:
-                block = _RowBlock(ops, mask, i0, i1)
-            t = _tile_distances(ops, block, i0, i1, j0, j1, buffer)
+        for i0, i1, j0, j1, t in _distance_tiles(ops, width):
             flat = t.view(k, -1)
             dots.extend(torch.dot(flat[p], flat[q]) for p, q in pairs)
             r[:, i0:i1] += t.sum(2)
@@ -360,19 +367,14 @@ class _BlockwiseTerms(torch.autograd.Function):
         rows, width = _tile_shape(block_size)
         ops = [_Operand(x, rows) for x in xs]
         cs = [op.centred for op in ops]
-        k, n = len(xs), xs[0].shape[0]
+        k = len(xs)
         # dL/da_p[i, j] = sum_q coef[p, q] a_q[i, j] + grad_r[p, i]; the gradient of x_p is
         # sum_j W_p[i, j] (x_i - x_j) with W_p = (G_p + G_p^T) / a_p (0 where a_p == 0). Each tile
         # holds every unordered pair once (0 elsewhere), so it adds to its rows and its columns.
         coef = (2.0 * (grad_s + grad_s.T)).tolist()
         gr = grad_r.to(cs[0].dtype)
         grads = [torch.zeros_like(c) if need[p] else None for p, c in enumerate(cs)]
-        buffer = xs[0].new_empty(k * rows * min(width, n))
-        mask = _upper_mask(ops, rows)
-        for i0, i1, j0, j1 in _tiles(n, rows, width):
-            if j0 == i0:
-                block = _RowBlock(ops, mask, i0, i1)
-            ds = _tile_distances(ops, block, i0, i1, j0, j1, buffer)
+        for i0, i1, j0, j1, ds in _distance_tiles(ops, width):
             for p in range(k):
                 g = grads[p]
                 if g is None:
