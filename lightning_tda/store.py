@@ -191,8 +191,7 @@ class RunStore:
             "records": {},
             "checkpoints": {},
         }
-        text = json.dumps(manifest, indent=2, sort_keys=True)
-        self._write_atomically(self._join("manifest.json"), text.encode(), replace=False)
+        self._write_manifest(manifest, replace=False)
 
     @staticmethod
     def _check_schema(manifest: Mapping[str, Any]) -> None:
@@ -211,11 +210,11 @@ class RunStore:
         with self._fs.open(self._join("manifest.json"), "r") as f:
             return json.load(f)
 
-    def _write_atomically(self, target: str, data: bytes, *, replace: bool = True) -> bool:
+    def _write_atomically(self, target: str, data: bytes, *, replace: bool = True) -> None:
         """Write a whole file so a reader (or a crash) sees the old or the new file, never half:
         locally a synced temporary file renamed over the target; remote stores write whole objects.
         With ``replace=False`` an existing target is kept (locally an atomic no-clobber link, so
-        of two processes creating a store at once exactly one writes). Returns whether it wrote."""
+        of two processes creating a store at once exactly one writes)."""
         if self._is_local:
             tmp = f"{target}.{os.getpid()}.{threading.get_ident()}.partial"
             with open(tmp, "wb") as f:
@@ -224,23 +223,21 @@ class RunStore:
                 os.fsync(f.fileno())
             if replace:
                 os.replace(tmp, target)
-                return True
+                return
             try:
                 os.link(tmp, target)
-                return True
             except FileExistsError:
-                return False
+                pass  # another process created it first: keep theirs
             finally:
                 os.remove(tmp)
-        if not replace and self._fs.exists(target):
-            return False
-        with self._fs.open(target, "wb") as f:
-            f.write(data)
-        return True
+            return
+        if replace or not self._fs.exists(target):
+            with self._fs.open(target, "wb") as f:
+                f.write(data)
 
-    def _write_manifest(self, manifest: Mapping[str, Any]) -> None:
+    def _write_manifest(self, manifest: Mapping[str, Any], *, replace: bool = True) -> None:
         text = json.dumps(manifest, indent=2, sort_keys=True)
-        self._write_atomically(self._join("manifest.json"), text.encode())
+        self._write_atomically(self._join("manifest.json"), text.encode(), replace=replace)
 
     def update_manifest(self, update: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         """Read, modify in place with ``update(manifest)``, and atomically write the manifest.
@@ -398,7 +395,7 @@ class RunStore:
         layout = self.layout(name)
         if layout.shape != tuple(shape) or layout.dtype != str(dtype):
             raise StoreError(f"array {name!r} was created concurrently with another shape/dtype: {layout}")
-        return self.layout(name)
+        return layout
 
     def grow(self, names: str | Sequence[str], n_leading: int) -> None:
         """Grow axis 0 of arrays whose row axis is 1 (a new record of margins) to ``n_leading``;

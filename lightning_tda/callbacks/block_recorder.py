@@ -256,10 +256,10 @@ class BlockRecorder(Callback):
                 lead = tuple(i + 1 for i in spec.lead)
                 reserved = (lead[0] + reserve, *lead[1:]) if lead else ()
                 shape = (*reserved, n, *spec.trailing)
-                self.store.ensure_array(
+                layout = self.store.ensure_array(
                     spec.name, shape, spec.dtype, row_axis=len(lead), block_rows=self._block_rows(n, trainer)
                 )
-                if lead and lead[0] > self.store.layout(spec.name).shape[0]:
+                if lead and lead[0] > layout.shape[0]:
                     growing.setdefault(lead[0] + reserve, []).append(spec.name)
         for n_leading, names in growing.items():
             self.store.grow(names, n_leading)
