@@ -10,6 +10,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -35,3 +36,18 @@ def trainer_kwargs(tmp_path, **overrides):
 @pytest.fixture
 def fast_trainer_kwargs(tmp_path):
     return lambda **kw: trainer_kwargs(tmp_path, **kw)
+
+
+class TinyCNN(nn.Module):
+    """A conv, an optional BatchNorm (``norm="batch"``), max-pooling and a linear layer on 1x8x8
+    inputs: the smallest model the ensemble tests stack and compare with separate trainings."""
+
+    def __init__(self, norm: str | None = None, classes: int = 5) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.norm = nn.BatchNorm2d(3) if norm == "batch" else nn.Identity()
+        self.fc = nn.Linear(3 * 4 * 4, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.max_pool2d(torch.relu(self.norm(self.conv(x))), 2)
+        return self.fc(h.flatten(1))

@@ -31,24 +31,14 @@ from lightning_tda.ensemble import (
 from lightning_tda.outputs import loss as loss_output
 from lightning_tda.outputs import margin
 
+from conftest import TinyCNN, trainer_kwargs
+
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*no `val_dataloader`", "ignore:.*BatchNorm and masks", "ignore:.*LeafSpec"
 )
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 N, BATCH, M, CLASSES = 40, 10, 4, 5
-
-
-class TinyCNN(nn.Module):
-    def __init__(self, norm: str | None = None, classes: int = CLASSES) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 3, 3, padding=1)
-        self.norm = nn.BatchNorm2d(3) if norm == "batch" else nn.Identity()
-        self.fc = nn.Linear(3 * 4 * 4, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = nn.functional.max_pool2d(torch.relu(self.norm(self.conv(x))), 2)
-        return self.fc(h.flatten(1))
 
 
 def tiny() -> nn.Module:
@@ -66,9 +56,7 @@ def dataset():
 
 def trainer(tmp_path, epochs: int = 2, **kwargs) -> L.Trainer:
     return L.Trainer(
-        max_epochs=epochs, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
-        num_sanity_val_steps=0, **kwargs,
+        max_epochs=epochs, **trainer_kwargs(tmp_path, deterministic=None, num_sanity_val_steps=0, **kwargs)
     )
 
 

@@ -26,23 +26,14 @@ from lightning_tda.ensemble import (
     random_subset_masks,
 )
 
+from conftest import TinyCNN, trainer_kwargs
+
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*no `val_dataloader`", "ignore:.*LeafSpec", "ignore:.*BatchNorm and masks"
 )
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 N, B, M, CLASSES, SEED = 40, 6, 4, 5, 11
-
-
-class TinyCNN(nn.Module):
-    def __init__(self, batch_norm: bool = False) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 3, 3, padding=1)
-        self.norm = nn.BatchNorm2d(3) if batch_norm else nn.Identity()
-        self.fc = nn.Linear(3 * 4 * 4, CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(nn.functional.max_pool2d(torch.relu(self.norm(self.conv(x))), 2).flatten(1))
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +47,7 @@ def masks():
 
 
 def fit(ens: EnsembleModule, loader, tmp_path, epochs: int = 2) -> EnsembleModule:
-    L.Trainer(
-        max_epochs=epochs, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
-    ).fit(ens, loader)
+    L.Trainer(max_epochs=epochs, **trainer_kwargs(tmp_path, deterministic=None)).fit(ens, loader)
     return ens
 
 
@@ -160,7 +148,7 @@ def test_ensemble_equals_separate_trainings_on_own_streams(dataset, masks, tmp_p
 def test_batch_norm_and_augmentation_per_copy_equal_separate_trainings(dataset, masks, tmp_path):
     """With per-copy batches, BatchNorm statistics are each copy's own: exact separate runs."""
     shift = BatchRandomShift(1)
-    model_fn = lambda: TinyCNN(batch_norm=True)  # noqa: E731
+    model_fn = lambda: TinyCNN("batch")  # noqa: E731
     ens = EnsembleModule(model_fn, seeds=list(range(M)), masks=masks, lr=0.1, augment=shift,
                          augmentation_seeds=[20 + m for m in range(M)])
     fit(ens, per_copy_loader(dataset, B, masks, seed=SEED, preload=True), tmp_path, epochs=1)
