@@ -6,15 +6,17 @@ Layout (a local path or an fsspec URL)::
     <root>/arrays/                    one zarr v3 group
         margins/<split>               [n_records, n_examples]   (row axis 1)
         grads/<split>/<ckpt>          [n_examples, k]           (row axis 0)
-        _complete/<array name>        one bool per row block (per leading index)
     <root>/checkpoints/<tag>.safetensors
 
 Every array is written in *row blocks* along its row axis (the example axis for recordings, the
-model axis for sweeps). Writing a block stores the values first and then sets the block's
-completion flag, each in its own chunk; zarr's local store replaces files atomically. A writer
-killed at any moment therefore leaves a store that opens, reports exactly which blocks are
-incomplete, and is finished by a resume that writes only those blocks. Nothing is unpickled:
-JSON, zarr and safetensors only.
+model axis for sweeps), and a row block (at one leading index) is exactly one zarr chunk. Zarr
+stores replace a chunk atomically (locally a temporary file renamed over the chunk's file; object
+stores put whole objects), so the completion mask of an array is the set of chunks that exist: a
+block is complete once its chunk is there, and never before all its values are. A writer killed at
+any moment therefore leaves a store that opens, reports exactly which blocks are incomplete, and
+is finished by a resume that writes only those blocks. (Schema 1 kept a separate flag array per
+array; one file per block instead of two halves the files a record creates.) Nothing is
+unpickled: JSON, zarr and safetensors only.
 """
 
 from __future__ import annotations
@@ -44,7 +46,10 @@ from zarr.core.sync import sync as zarr_sync
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Every chunk is written, even one equal to the fill value: a chunk's presence is its block's
+# completion flag.
+_ARRAY_CONFIG = {"write_empty_chunks": True}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
 
 
@@ -151,7 +156,7 @@ class RunStore:
         if not exists:
             self._create(run_name, algorithm, seed)
         self._check_schema(self.manifest)
-        self._group = zarr.open_group(self._zarr_url(), mode="a")
+        self._group_handle: zarr.Group | None = None  # opened on first use: checkpoints need no zarr
         self._handles: dict[str, zarr.Array] = {}
         self._writer: ThreadPoolExecutor | None = None  # background block writes (write_blocks)
         self._pending: list[Future[None]] = []
@@ -159,6 +164,12 @@ class RunStore:
     # ------------------------------------------------------------------ paths and manifest
     def _join(self, *parts: str) -> str:
         return "/".join([self._root.rstrip("/"), *parts])
+
+    @property
+    def _group(self) -> zarr.Group:
+        if self._group_handle is None:
+            self._group_handle = zarr.open_group(self._zarr_url(), mode="a")
+        return self._group_handle
 
     def _zarr_url(self) -> str:
         return str(Path(self._root) / "arrays") if self._is_local else self.path.rstrip("/") + "/arrays"
@@ -202,6 +213,12 @@ class RunStore:
             raise SchemaVersionError(
                 f"store written with schema version {version}, newer than this lightning-tda "
                 f"reads ({SCHEMA_VERSION}); upgrade lightning-tda to read it"
+            )
+        if version < SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"store written with schema version {version} by an earlier lightning-tda, whose "
+                f"completion masks this version ({SCHEMA_VERSION}) does not read; record the run "
+                "again into a new store path"
             )
 
     @property
@@ -295,14 +312,12 @@ class RunStore:
             return False
 
     def array_names(self) -> list[str]:
-        """Names of every data array (completion masks excluded), sorted."""
+        """Names of every array, sorted."""
         names: list[str] = []
 
         def walk(group: zarr.Group, prefix: str) -> None:
             for key, member in group.members():
                 full = f"{prefix}{key}"
-                if full == "_complete":
-                    continue
                 if isinstance(member, zarr.Array):
                     names.append(full)
                 else:
@@ -328,16 +343,13 @@ class RunStore:
         if name in self._handles:
             return self._handles[name]
         try:
-            arr = zarr.open_array(self._zarr_url(), path=name, mode="r+")
+            arr = zarr.open_array(self._zarr_url(), path=name, mode="r+").with_config(_ARRAY_CONFIG)
         except (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError, zarr.errors.ArrayNotFoundError) as err:  # type: ignore[attr-defined]
             raise StoreError(
                 f"the RunStore at {self.path} has no array {name!r}; it has {self.array_names()}"
             ) from err
         self._handles[name] = arr
         return arr
-
-    def _mask(self, name: str) -> zarr.Array:
-        return self._array(f"_complete/{name}")
 
     def ensure_array(
         self,
@@ -348,8 +360,7 @@ class RunStore:
         row_axis: int = 0,
         block_rows: int = 1024,
     ) -> ArrayLayout:
-        """Create array ``name`` (filled with NaN/0) and its completion mask, or check the existing
-        one has this shape (the row axis's leading axes may have grown) and dtype."""
+        """Create array ``name`` (filled with NaN/0, no block complete), or check the existing one has this shape (the row axis's leading axes may have grown) and dtype."""
         self.flush()
         dtype = np.dtype(dtype)
         if any(int(s) < 0 for s in shape) or not 0 <= row_axis < len(shape):
@@ -371,27 +382,19 @@ class RunStore:
             block_rows if axis == row_axis else (1 if axis < row_axis else max(1, s))
             for axis, s in enumerate(shape)
         )
-        fill = np.nan if dtype.kind == "f" else 0
-        n_blocks = math.ceil(shape[row_axis] / block_rows)
-        mask_shape = tuple(shape[:row_axis]) + (n_blocks,)
-        # The mask first, so an array is never visible without its mask. Another process (a
-        # shard) may create either at the same moment, or a killed one may have left the mask
-        # alone: each step tolerates finding its array there, and the result is checked below.
-        # No compression: recorded floats (margins, projected gradients) do not compress, a flag
-        # is one byte, and skipping the codec makes each chunk write about a third cheaper.
-        # Chunk keys "c.<record>.<block>": flat files, no new directory per record (a gathered
-        # write of six new records' blocks: 4.1 -> 2.9 ms).
-        for path, kwargs in (
-            (f"_complete/{name}", dict(shape=mask_shape, chunks=(1,) * len(mask_shape), dtype=bool, fill_value=False)),
-            (name, dict(shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
-                        attributes={"row_axis": row_axis, "block_rows": block_rows})),
-        ):
-            try:
-                self._handles[path] = self._group.create_array(
-                    path, compressors=None, chunk_key_encoding={"name": "default", "separator": "."}, **kwargs
-                )
-            except zarr.errors.ContainsArrayError:
-                pass
+        # Another process (a shard) may create the array at the same moment: finding it there is
+        # fine, and its layout is checked below. No compression: recorded floats (margins,
+        # projected gradients) do not compress, and skipping the codec makes each chunk write
+        # about a third cheaper. Chunk keys "c.<record>.<block>": flat files, no new directory per
+        # record (a gathered write of six new records' blocks: 4.1 -> 2.9 ms).
+        try:
+            self._handles[name] = self._group.create_array(
+                name, shape=shape, chunks=chunks, dtype=dtype, fill_value=np.nan if dtype.kind == "f" else 0,
+                attributes={"row_axis": row_axis, "block_rows": block_rows}, compressors=None,
+                chunk_key_encoding={"name": "default", "separator": "."}, config=_ARRAY_CONFIG,
+            )
+        except zarr.errors.ContainsArrayError:
+            pass
         layout = self.layout(name)
         if layout.shape != tuple(shape) or layout.dtype != str(dtype):
             raise StoreError(f"array {name!r} was created concurrently with another shape/dtype: {layout}")
@@ -414,13 +417,14 @@ class RunStore:
             if layout.row_axis == 0:
                 raise StoreError(f"array {name!r} has its rows on axis 0; only leading axes are resized")
             if (n_leading > layout.shape[0]) if grow else (n_leading < layout.shape[0]):
-                handles += [self._array(name), self._mask(name)]
+                handles.append(self._array(name))
         if not handles:
             return
         self.flush()
 
         async def resize_all() -> None:
-            # zarr updates each handle's metadata in place, so the cached handles stay valid.
+            # zarr updates each handle's metadata in place, so the cached handles stay valid; a
+            # shrink deletes the chunks (completed blocks) beyond the new shape.
             await asyncio.gather(*(h.async_array.resize((n_leading, *h.shape[1:])) for h in handles))
 
         zarr_sync(resize_all())
@@ -436,16 +440,15 @@ class RunStore:
         *,
         wait: bool = True,
     ) -> None:
-        """Write several row blocks ``(name, start, values, lead)`` at once, as :meth:`write_block`
-        does one: all the values concurrently, then all their completion flags, so a crash never
-        flags a block whose values are not stored.
+        """Write several row blocks ``(name, start, values, lead)`` at once, concurrently, as
+        :meth:`write_block` does one. Each block is one chunk, replaced atomically, so a crash
+        leaves every block either complete or not written.
 
         With ``wait=False`` the writes run in a background thread while the caller goes on (a
         recorder overlaps them with training); every other method of this store, and
         :meth:`flush`, first waits for them and re-raises their error, if any.
         """
         data: list[tuple[zarr.Array, tuple[Any, ...], np.ndarray]] = []
-        flags: list[tuple[zarr.Array, tuple[int, ...]]] = []
         for name, start, values, lead in writes:
             layout = self.layout(name)
             if isinstance(values, torch.Tensor):
@@ -463,13 +466,7 @@ class RunStore:
             # A private copy when the write outlives this call: the caller may reuse its buffer.
             values = values.astype(layout.dtype, copy=not wait)
             data.append((self._array(name), tuple(lead) + (slice(lo, hi),), values))
-            flags.append((self._mask(name), tuple(lead) + (block,)))
-
-        def run() -> None:
-            self._store_values(data)
-            self._store_flags(flags)
-
-        self._run(run, wait)
+        self._run(lambda: self._store_values(data), wait)
 
     def _run(self, work: Callable[[], None], wait: bool) -> None:
         """Run ``work`` now (after earlier background work) or queue it on the writer thread."""
@@ -488,13 +485,6 @@ class RunStore:
 
         zarr_sync(write_all())
 
-    @staticmethod
-    def _store_flags(flags: Sequence[tuple[zarr.Array, tuple[int, ...]]]) -> None:
-        async def flag_all() -> None:
-            await asyncio.gather(*(mask.async_array.setitem(index, True) for mask, index in flags))
-
-        zarr_sync(flag_all())
-
     def flush(self) -> None:
         """Wait for background writes (``write_blocks(wait=False)``); re-raise the first error."""
         pending, self._pending = self._pending, []
@@ -504,10 +494,27 @@ class RunStore:
             raise StoreError(f"a background write to {self.path} failed: {first}") from first
 
     def completed_blocks(self, name: str, lead: tuple[int, ...] = ()) -> np.ndarray:
-        """Completion flags of every block (at leading index ``lead``)."""
+        """Completion flags of every block (at leading index ``lead``): ``[*leading axes after
+        lead, n_blocks]``. A block is complete when its chunk exists."""
         self.flush()
-        mask = self._mask(name)[tuple(lead)]
-        return np.asarray(mask, dtype=bool)
+        layout = self.layout(name)
+        arr = self._array(name)
+        present = self._chunk_keys(arr)
+        trailing = (0,) * (len(layout.shape) - layout.row_axis - 1)  # one chunk spans them
+        done = np.zeros((*layout.shape[len(lead) : layout.row_axis], layout.n_blocks), dtype=bool)
+        for index in np.ndindex(done.shape):
+            done[index] = arr.metadata.encode_chunk_key((*lead, *index, *trailing)) in present
+        return done
+
+    @staticmethod
+    def _chunk_keys(arr: zarr.Array) -> set[str]:
+        """The keys (relative to the array) of every chunk stored for ``arr``."""
+        prefix = arr.store_path.path.rstrip("/") + "/"
+
+        async def listing() -> set[str]:
+            return {key[len(prefix) :] async for key in arr.store_path.store.list_prefix(prefix)}
+
+        return zarr_sync(listing())
 
     def incomplete_blocks(self, name: str, lead: tuple[int, ...] = ()) -> list[tuple[int, int]]:
         """Row ranges ``(start, stop)`` not yet written (at leading index ``lead``)."""
@@ -518,8 +525,7 @@ class RunStore:
 
     def is_complete(self, name: str) -> bool:
         """Whether every block of ``name`` (at every leading index) has been written."""
-        self.flush()
-        return bool(np.asarray(self._mask(name)[...]).all())
+        return bool(self.completed_blocks(name).all())
 
     def read(self, name: str, rows: slice | None = None, lead: tuple[int, ...] = ()) -> np.ndarray:
         """Read ``name`` (rows along the row axis, at leading index ``lead``) as a numpy array.

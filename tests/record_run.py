@@ -2,8 +2,8 @@
 
     python tests/record_run.py ROOT [--kill-at N --kill-phase before|between|after] [--resume]
 
-With ``--kill-at N`` the process SIGKILLs itself at the write that holds the N-th block written to the
-store: before the values, between the values and the completion flags, or after both (``--kill-phase``).
+With ``--kill-at N`` the process SIGKILLs itself at the gathered write that holds the N-th block
+written to the store: before it, halfway through it, or after it (``--kill-phase``).
 """
 
 from __future__ import annotations
@@ -23,28 +23,22 @@ from lightning_tda.store import RunStore
 
 
 def install_kill_switch(kill_at: int, phase: str) -> None:
-    """SIGKILL this process around the ``kill_at``-th block write (counted over all writes)."""
-    original_values = RunStore._store_values
-    original_flags = RunStore._store_flags
-    calls = {"n": 0, "armed": False}
+    """SIGKILL this process at the gathered write that holds the ``kill_at``-th block (counted over
+    all writes): before it, halfway through it (some of its chunks stored), or after it."""
+    original = RunStore._store_values
+    calls = {"n": 0}
 
     def store_values(data):
         calls["n"] += len(data)
-        if calls["n"] >= kill_at and not calls["armed"]:
-            if phase == "before":
-                os.kill(os.getpid(), signal.SIGKILL)
-            calls["armed"] = True
-        original_values(data)
-
-    def store_flags(flags):
-        if calls["armed"] and phase == "between":
-            os.kill(os.getpid(), signal.SIGKILL)
-        original_flags(flags)
-        if calls["armed"] and phase == "after":
-            os.kill(os.getpid(), signal.SIGKILL)
+        if calls["n"] < kill_at:
+            return original(data)
+        if phase == "between":
+            original(data[: len(data) // 2])
+        elif phase == "after":
+            original(data)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     RunStore._store_values = staticmethod(store_values)  # type: ignore[method-assign]
-    RunStore._store_flags = staticmethod(store_flags)  # type: ignore[method-assign]
 
 
 def main() -> None:

@@ -36,6 +36,33 @@ def test_row_blocks_and_completion(tmp_path):
     assert again.is_complete("grads/train/a")
 
 
+def test_completion_is_chunk_presence(tmp_path):
+    store = RunStore(tmp_path / "run")
+    store.ensure_array("margins/val", (2, 5), "float32", row_axis=1, block_rows=2)
+    store.ensure_array("preds/val", (2, 5), "int64", row_axis=1, block_rows=2)
+    # values equal to the fill value (NaN, 0) still complete their block
+    store.write_blocks([("margins/val", 2, np.full(2, np.nan), (1,)), ("preds/val", 4, np.zeros(1), (0,))])
+    assert store.completed_blocks("margins/val").tolist() == [[False, False, False], [False, True, False]]
+    assert store.completed_blocks("preds/val", (0,)).tolist() == [False, False, True]
+    # a temporary file a killed write left behind is not a chunk
+    (tmp_path / "run" / "arrays" / "margins" / "val" / "c.0.0.3f2a.partial").write_bytes(b"torn")
+    assert store.incomplete_blocks("margins/val", (0,)) == [(0, 2), (2, 4), (4, 5)]
+    # trimming the records axis drops the completed blocks beyond it
+    store.trim("margins/val", 1)
+    store.grow("margins/val", 2)
+    assert not store.completed_blocks("margins/val", (1,)).any()
+
+
+def test_older_schema_is_refused(tmp_path):
+    RunStore(tmp_path / "run")
+    path = tmp_path / "run" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["schema_version"] = SCHEMA_VERSION - 1
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(SchemaVersionError, match="earlier lightning-tda.*new store path"):
+        RunStore(tmp_path / "run")
+
+
 def test_records_axis_grows(tmp_path):
     store = RunStore(tmp_path / "run")
     store.ensure_array("margins/val", (1, 5), "float32", row_axis=1, block_rows=2)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -79,6 +79,7 @@ class BlockRecorder(Callback):
         self._restored_step: int | None = None
         self._probes: dict[str, list[Tensor]] = {}  # per split: one probe batch's columns
         self._fresh: set[str] = set()  # tags this process declared just now: no block written yet
+        self._batch_sizes: dict[str, int] = {}  # per split, once
         self._nonfinite = 0
 
     # ------------------------------------------------------------------ for subclasses
@@ -93,6 +94,13 @@ class BlockRecorder(Callback):
         """One column per array, each ``[batch, ...]``; the last one is checked for NaN/inf.
         ``offset`` is the dataset row of ``x[0]`` (for error messages)."""
         raise NotImplementedError
+
+    def compute_block(self, module: nn.Module, batches: Iterable[tuple[int, Tensor, Tensor]]) -> list[Tensor]:
+        """The columns of one row block (on the CPU) from its ``(offset, x, y)`` batches. By
+        default :meth:`compute_batch` per batch, concatenated; a subclass may batch its own
+        post-processing across the block."""
+        parts = [[c.detach().cpu() for c in self.compute_batch(module, x, y, offset)] for offset, x, y in batches]
+        return [torch.cat(col) for col in zip(*parts)]
 
     def describe_record(self, trainer: L.Trainer) -> dict[str, Any]:
         """Extra fields of a record's manifest entry."""
@@ -112,6 +120,7 @@ class BlockRecorder(Callback):
             return
         self.store = open_store(self.store_arg, trainer)
         self.datasets = find_datasets(trainer, self.splits, self.explicit_datasets)
+        self._batch_sizes.clear()
         fingerprints = {s: dataset_fingerprint(d, self.parser.batch_fn) for s, d in self.datasets.items()}
         for split, fp in fingerprints.items():  # every rank checks, so every rank raises alike
             self.store.set_fingerprint(split, fp, write=False)
@@ -213,14 +222,16 @@ class BlockRecorder(Callback):
             )
         self._write_record(trainer, pl_module, record)
 
-    def _batch_size(self, dataset: Dataset) -> int:
+    def _batch_size(self, split: str) -> int:
         """The given batch size, or one sized so a batch holds about 2^13 input numbers (at least
         32 rows): activations stay in cache (measured on the CPU: digits' CNN runs fastest at
         128 rows, a 3x32x32 CNN 2x slower per example at batch 512 than at 128)."""
         if self.batch_size is not None:
             return self.batch_size
-        x, _ = self.parser(dataset[0])
-        return int(max(32, min(4096, 2**13 // max(1, torch.as_tensor(x).numel()))))
+        if split not in self._batch_sizes:
+            x, _ = self.parser(self.datasets[split][0])
+            self._batch_sizes[split] = int(max(32, min(4096, 2**13 // max(1, torch.as_tensor(x).numel()))))
+        return self._batch_sizes[split]
 
     def _probe(self, pl_module: nn.Module, dataset: Dataset, rows: int = 1) -> list[Tensor]:
         with isolated_eval(pl_module, grad=self.needs_grad):
@@ -315,11 +326,9 @@ class BlockRecorder(Callback):
                     start, stop = layout.block_range(block)
                     if todo is not None and start not in todo:
                         continue
-                    parts = [
-                        [c.detach().cpu() for c in self.compute_batch(pl_module, x, y, offset)]
-                        for offset, x, y in iter_batches(dataset, start, stop, self._batch_size(dataset), self.parser, pl_module.device)
-                    ]
-                    columns = [torch.cat(col) for col in zip(*parts)]
+                    columns = self.compute_block(
+                        pl_module, iter_batches(dataset, start, stop, self._batch_size(split), self.parser, pl_module.device)
+                    )
                     last = columns[-1].reshape(len(columns[-1]), -1).float()
                     bad = torch.nonzero(~torch.isfinite(last).all(1)).flatten()
                     nonfinite.setdefault(split, []).extend((bad + start).tolist())

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+import contextlib
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import lightning as L
 import numpy as np
@@ -17,6 +18,7 @@ from lightning_tda.outputs import FROM_LOGITS, OutputFn, check_labels, check_out
 from lightning_tda.store import RunStore, join_name
 
 RECORDS_KEY = "margins"
+_LOGITS_PER_COLUMNS = 2**22  # logits held before a block's columns are computed (16 MiB float32)
 
 
 class MarginRecorder(BlockRecorder):
@@ -79,6 +81,7 @@ class MarginRecorder(BlockRecorder):
         self.array_prefix = "margins" if output_fn in (None, "margin") else "outputs"
         self.embeddings = embeddings
         self._channels_last: bool | None = None  # unknown until the first image batch
+        self._conv_hooks: list[Any] = []  # while a pass runs (_channels_last_convs)
 
     def validate_setup(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.embeddings is not None:
@@ -113,10 +116,48 @@ class MarginRecorder(BlockRecorder):
                 lambda _m, _i, out: captured.append(out if isinstance(out, Tensor) else out[0])
             )
         try:
-            logits = self._forward(module, x)
+            with self._channels_last_convs(module):
+                logits = self._forward(module, x)
         finally:
             if handle is not None:
                 handle.remove()
+        return self._columns(module, logits, x, y, captured)
+
+    def compute_block(self, module: nn.Module, batches: Iterable[tuple[int, Tensor, Tensor]]) -> list[Tensor]:
+        """With a built-in output and no embeddings, the block's forward passes run first and
+        its columns are computed once from all their logits: per-batch post-processing (margin,
+        loss, argmax, label checks) cost about as much as digits' forward pass itself."""
+        with self._channels_last_convs(module):
+            if self.embeddings is not None or self.output_name not in FROM_LOGITS:
+                return super().compute_block(module, batches)
+            parts: list[list[Tensor]] = []
+            logits: list[Tensor] = []
+            labels: list[Tensor] = []
+            held = 0
+            for _, x, y in batches:
+                out = self._forward(module, x)
+                if not isinstance(out, Tensor):
+                    raise TypeError(f"the module returned {type(out).__name__}; recorders need logits as a Tensor")
+                logits.append(out)
+                labels.append(y)
+                held += out.numel()
+                if held >= _LOGITS_PER_COLUMNS:  # bounded memory for many classes
+                    parts.append(self._columns_of(module, logits, labels))
+                    logits, labels, held = [], [], 0
+            if logits:
+                parts.append(self._columns_of(module, logits, labels))
+        return [torch.cat(col) for col in zip(*parts)]
+
+    def _columns_of(self, module: nn.Module, logits: list[Tensor], labels: list[Tensor]) -> list[Tensor]:
+        # the batch axis is -2 for [batch, classes] and for an ensemble's [copies, batch, classes]
+        columns = self._columns(module, torch.cat(logits, dim=-2), None, torch.cat(labels))
+        return [c.detach().cpu() for c in columns]
+
+    def _columns(
+        self, module: nn.Module, logits: Tensor, x: Tensor | None, y: Tensor, captured: Sequence[Tensor] = ()
+    ) -> list[Tensor]:
+        """The columns (loss, prediction, [embedding,] output) of a batch's logits; ``x`` is
+        needed only by a custom ``output_fn``."""
         if not isinstance(logits, Tensor):
             raise TypeError(f"the module returned {type(logits).__name__}; recorders need logits as a Tensor")
         if logits.ndim == 3:
@@ -125,6 +166,7 @@ class MarginRecorder(BlockRecorder):
         if self.output_name in FROM_LOGITS:
             out = FROM_LOGITS[self.output_name](logits, y)
         else:
+            assert x is not None
             out = self.output_fn(module, x, y)
         out = check_output(out, len(y))
         columns = [loss_from_logits(logits, y).float(), logits.argmax(1).to(torch.int64)]
@@ -132,18 +174,39 @@ class MarginRecorder(BlockRecorder):
             columns.append(captured[0].flatten(1).float())
         return columns + [out.float()]
 
+    @contextlib.contextmanager
+    def _channels_last_convs(self, module: nn.Module) -> Iterator[None]:
+        """Hooks that keep every convolution's output channels-last while a pass runs (see
+        :meth:`_forward`); registered once per pass, not per batch."""
+        if self._conv_hooks or self._channels_last is False:
+            yield
+            return
+        self._conv_hooks = [
+            m.register_forward_hook(self._conv_output_channels_last) for m in module.modules() if isinstance(m, nn.Conv2d)
+        ]
+        try:
+            yield
+        finally:
+            for handle in self._conv_hooks:
+                handle.remove()
+            self._conv_hooks = []
+
+    def _conv_output_channels_last(self, module: nn.Module, inputs: Any, output: Any) -> Any:
+        if self._channels_last is False or not isinstance(output, Tensor) or output.ndim != 4 or output.device.type != "cpu":
+            return output
+        try:
+            return output.contiguous(memory_format=torch.channels_last)
+        except RuntimeError:  # e.g. inside vmap (an ensemble's stacked copies): leave it as it is
+            return output
+
     def _forward(self, module: nn.Module, x: Tensor) -> Tensor:
-        """``module(x)``; on the CPU, image batches and every convolution's output go
-        channels-last, which oneDNN runs much faster in eval (measured: a 3x32x32 CNN's forward
-        2-3x; max-pooling a 128x32x8x8 batch 18x). Converting conv outputs matters when the input
-        has one channel, whose channels-last layout is also the plain one and would not carry on
-        through the network. A model that cannot take it (``.view`` on a channels-last
-        activation, say) is run as given from then on."""
+        """``module(x)``; on the CPU, image batches and (inside :meth:`_channels_last_convs`)
+        every convolution's output go channels-last, which oneDNN runs much faster in eval
+        (measured: a 3x32x32 CNN's forward 2-3x; max-pooling a 128x32x8x8 batch 18x). Converting
+        conv outputs matters when the input has one channel, whose channels-last layout is also
+        the plain one and would not carry on through the network. A model that cannot take it
+        (``.view`` on a channels-last activation, say) is run as given from then on."""
         if self._channels_last is not False and x.ndim == 4 and x.is_floating_point() and x.device.type == "cpu":
-            handles = [
-                m.register_forward_hook(_conv_output_channels_last)
-                for m in module.modules() if isinstance(m, nn.Conv2d)
-            ]
             try:
                 out = module(x.contiguous(memory_format=torch.channels_last))
                 self._channels_last = True
@@ -152,12 +215,9 @@ class MarginRecorder(BlockRecorder):
                 if self._channels_last:
                     raise
                 self._channels_last = False
-            finally:
-                for handle in handles:
-                    handle.remove()
         return module(x)
 
-    def _ensemble_columns(self, module: nn.Module, logits: Tensor, x: Tensor, y: Tensor) -> list[Tensor]:
+    def _ensemble_columns(self, module: nn.Module, logits: Tensor, x: Tensor | None, y: Tensor) -> list[Tensor]:
         """An ensemble (``EnsembleModule``: logits ``[M, batch, C]``): one column per copy,
         so every array gains a last axis of copies (``margins[record, example, copy]``)."""
         if self.embeddings is not None:
@@ -182,15 +242,6 @@ class MarginRecorder(BlockRecorder):
                 "use a built-in output_fn name"
             )
         return [per_copy(loss_from_logits(flat, labels)).float(), per_copy(flat.argmax(1)).to(torch.int64), out.float()]
-
-
-def _conv_output_channels_last(module: nn.Module, inputs: Any, output: Any) -> Any:
-    if isinstance(output, Tensor) and output.ndim == 4:
-        try:
-            return output.contiguous(memory_format=torch.channels_last)
-        except RuntimeError:  # e.g. inside vmap (an ensemble's stacked copies): leave it as it is
-            return output
-    return output
 
 
 def read_margins(store: RunStore, split: str, prefix: str = "margins") -> tuple[np.ndarray, list[dict[str, Any]]]:
