@@ -42,9 +42,11 @@ except ImportError:  # Windows: manifest updates are serialised within a process
 import numpy as np
 import torch
 import zarr
-from zarr.core.sync import sync as zarr_sync
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+from zarr.core.sync import sync as zarr_sync
+
+from lightning_tda.chunk_io import write_chunk
 
 SCHEMA_VERSION = 2
 # Every chunk is written, even one equal to the fill value: a chunk's presence is its block's
@@ -128,6 +130,11 @@ class RunStore:
         path: a directory path or an fsspec URL (``memory://...``, ``s3://...``).
         create: create the store if it does not exist (else raise).
         run_name, algorithm, seed: written to a new store's manifest.
+        durable: also ``fsync`` the manifest and checkpoint files before renaming them into place,
+            so they survive a power loss or an OS crash too. Off by default: the rename already
+            makes every write all-or-nothing when the writing process crashes or is killed, as
+            zarr (which never syncs chunks) and Lightning's own checkpoints do; syncing costs
+            about 0.7 ms a checkpoint on a small model (measured on digits).
 
     Example:
         >>> import tempfile, numpy as np
@@ -146,8 +153,10 @@ class RunStore:
         run_name: str | None = None,
         algorithm: str | None = None,
         seed: int | None = None,
+        durable: bool = False,
     ) -> None:
         self.path = str(path)
+        self.durable = durable
         self._fs, self._root = fsspec.core.url_to_fs(self.path)
         self._is_local = "://" not in self.path or self.path.startswith("file://")
         exists = self._fs.exists(self._join("manifest.json"))
@@ -229,15 +238,17 @@ class RunStore:
 
     def _write_atomically(self, target: str, data: bytes, *, replace: bool = True) -> None:
         """Write a whole file so a reader (or a crash) sees the old or the new file, never half:
-        locally a synced temporary file renamed over the target; remote stores write whole objects.
+        locally a temporary file (synced if ``durable``) renamed over the target; remote stores
+        write whole objects.
         With ``replace=False`` an existing target is kept (locally an atomic no-clobber link, so
         of two processes creating a store at once exactly one writes)."""
         if self._is_local:
             tmp = f"{target}.{os.getpid()}.{threading.get_ident()}.partial"
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if self.durable:
+                    f.flush()
+                    os.fsync(f.fileno())
             if replace:
                 os.replace(tmp, target)
                 return
@@ -480,8 +491,13 @@ class RunStore:
 
     @staticmethod
     def _store_values(data: Sequence[tuple[zarr.Array, tuple[Any, ...], np.ndarray]]) -> None:
+        # Local uncompressed chunks go straight to their files (see chunk_io); the rest via zarr.
+        rest = [(arr, index, v) for arr, index, v in data if not write_chunk(arr, index, v)]
+        if not rest:
+            return
+
         async def write_all() -> None:
-            await asyncio.gather(*(arr.async_array.setitem(index, v) for arr, index, v in data))
+            await asyncio.gather(*(arr.async_array.setitem(index, v) for arr, index, v in rest))
 
         zarr_sync(write_all())
 
@@ -557,11 +573,13 @@ class RunStore:
         wait: bool = True,
     ) -> None:
         """Save tensors as safetensors (pickle-free) and list the checkpoint in the manifest
-        (after the file is complete). The tensors are copied now; with ``wait=False`` the file
+        (after the file is complete). With ``wait=False`` the tensors are copied now and the file
         and the manifest are written in the background, as :meth:`write_blocks` does."""
         metadata = dict(metadata or {})
         path = self._checkpoint_path(tag)
-        flat = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+        flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        if not wait:  # the caller's tensors may change (training goes on) before the write
+            flat = {k: v.clone() for k, v in flat.items()}
 
         def run() -> None:
             blob = save_safetensors(flat, metadata={"lightning_tda": json.dumps(metadata, sort_keys=True)})

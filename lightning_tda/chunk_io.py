@@ -1,0 +1,81 @@
+"""Whole-chunk writes straight to a local zarr v3 array's files.
+
+A recorder writes one row block, exactly one chunk, of a few arrays per record. Through zarr each
+write goes to zarr's event-loop thread and from there to a file-I/O thread; on two cores those
+handoffs cost more than the writes (measured on digits: a MarginRecorder fit went from +31% to +22%
+over plain training with the same chunks written here instead). An uncompressed chunk of a zarr v3
+array whose only codec is ``bytes`` is the chunk's values in C order, little-endian, padded with the
+fill value past the array's edge: this module writes exactly those bytes, to a temporary file
+renamed over the chunk's file, as zarr's local store does. Anything else (compression, another
+codec, a remote store) is left to zarr: :func:`write_chunk` returns False.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BytesCodec
+from zarr.core.chunk_grids import RegularChunkGrid
+from zarr.storage import LocalStore
+
+
+def chunk_directory(arr: zarr.Array) -> str | None:
+    """The directory of ``arr``'s chunk files when its chunks can be written directly, else None."""
+    store = arr.store_path.store
+    meta = arr.metadata
+    if (
+        not isinstance(store, LocalStore)
+        or store.read_only
+        or meta.zarr_format != 3
+        or not isinstance(meta.chunk_grid, RegularChunkGrid)
+        or len(meta.codecs) != 1
+        or not isinstance(meta.codecs[0], BytesCodec)
+        or getattr(meta.codecs[0].endian, "value", "little") != "little"
+    ):
+        return None
+    return os.path.join(str(store.root), arr.store_path.path)
+
+
+def write_chunk(arr: zarr.Array, index: tuple[Any, ...], values: np.ndarray) -> bool:
+    """Write ``values`` at ``index`` (integers on the leading axes, then one slice, then whole
+    axes) when that is exactly one chunk and the array allows direct writes; return whether it
+    was written (False: use zarr)."""
+    directory = chunk_directory(arr)
+    if directory is None:
+        return False
+    chunks = arr.metadata.chunk_grid.chunk_shape
+    coords: list[int] = []
+    for axis, item in enumerate(index):
+        if isinstance(item, slice):
+            start, size = item.start or 0, chunks[axis]
+            if start % size or item.stop - start > size or item.stop > arr.shape[axis]:
+                return False
+            coords.append(start // size)
+        elif chunks[axis] == 1:
+            coords.append(int(item))
+        else:
+            return False
+    trailing = arr.shape[len(index) :]
+    if trailing != chunks[len(index) :]:
+        return False  # a chunk would not span the trailing axes whole
+    coords += [0] * len(trailing)
+    block = np.asarray(values).reshape((1,) * (len(index) - 1) + np.shape(values))
+    dtype = arr.dtype.newbyteorder("<") if arr.dtype.itemsize > 1 else arr.dtype
+    chunk = np.full(chunks, arr.metadata.fill_value, dtype=dtype)
+    chunk[tuple(slice(0, n) for n in block.shape)] = block
+    path = os.path.join(directory, arr.metadata.encode_chunk_key(tuple(coords)))
+    tmp = f"{path}.{uuid.uuid4().hex}.partial"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(chunk.tobytes(order="C"))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return True
