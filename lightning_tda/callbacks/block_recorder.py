@@ -38,6 +38,9 @@ from lightning_tda.data import BatchFn, BatchParser, dataset_fingerprint
 from lightning_tda.store import RunStore, StoreError, rank_blocks
 
 
+_GATHER_BYTES = 2**26  # computed rows held before they are handed to the store's writer
+
+
 @dataclass(frozen=True)
 class ArraySpec:
     """One array a record writes: rows along ``row_axis`` (after the ``lead`` index)."""
@@ -316,6 +319,10 @@ class BlockRecorder(Callback):
         nonfinite: dict[str, list[int]] = {}
         fresh = record["tag"] in self._fresh and world_size == 1  # every block is still to write
         self._fresh.discard(record["tag"])
+        # Blocks are written in the background, gathered up to _GATHER_BYTES (a small record, one
+        # write after its last block): the store waits for them before anything else touches it,
+        # and flush() runs before a Lightning checkpoint and at the end.
+        gathered: list[tuple[str, int, Any, tuple[int, ...]]] = []
         with isolated_eval(pl_module, grad=self.needs_grad):
             for split, dataset in self.datasets.items():
                 layout = self.store.layout(specs[split][-1].name)
@@ -332,12 +339,12 @@ class BlockRecorder(Callback):
                     last = columns[-1].reshape(len(columns[-1]), -1).float()
                     bad = torch.nonzero(~torch.isfinite(last).all(1)).flatten()
                     nonfinite.setdefault(split, []).extend((bad + start).tolist())
-                    # In the background: the store waits for these writes before anything else
-                    # touches it, and flush() runs before a Lightning checkpoint and at the end.
-                    self.store.write_blocks(
-                        [(spec.name, start, values.numpy(), spec.lead) for spec, values in zip(specs[split], columns)],
-                        wait=False,
-                    )
+                    gathered += [(spec.name, start, values.numpy(), spec.lead) for spec, values in zip(specs[split], columns)]
+                    if sum(values.nbytes for _, _, values, _ in gathered) >= _GATHER_BYTES:
+                        self.store.write_blocks(gathered, wait=False)
+                        gathered = []
+        if gathered:
+            self.store.write_blocks(gathered, wait=False)
         if world_size > 1:
             self.store.flush()
         trainer.strategy.barrier(f"{type(self).__name__}.write")
