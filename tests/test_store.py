@@ -206,3 +206,15 @@ def test_background_checkpoint_save(tmp_path):
     assert torch.equal(tensors["w"], torch.arange(6.0).reshape(2, 3)) and meta == {"global_step": 5}
     manifest = RunStore(tmp_path / "run", create=False).manifest
     assert manifest["run_name"] == "concurrent" and "epoch=0-step=5" in manifest["checkpoints"]
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_durable_store_syncs_manifest_and_checkpoints(tmp_path, monkeypatch, durable):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    store = RunStore(tmp_path / "run", durable=durable)
+    store.save_checkpoint("t", {"w": torch.ones(2)})
+    # the first manifest, the checkpoint file and the manifest listing it; nothing when not durable
+    assert len(synced) == (3 if durable else 0)
+    assert torch.equal(store.load_checkpoint("t")[0]["w"], torch.ones(2))

@@ -56,6 +56,7 @@ class CheckpointRecorder(Callback):
             on_fit_end=on_fit_end,
         )
         self.store: RunStore | None = None
+        self._saved_steps: set[int] = set()  # global steps with a checkpoint in the store
 
     @property
     def state_key(self) -> str:
@@ -66,7 +67,9 @@ class CheckpointRecorder(Callback):
         if stage != "fit":
             return
         self.store = open_store(self.store_arg, trainer)
-        if trainer.is_global_zero and self.store.manifest.get("model") is None:
+        manifest = self.store.manifest
+        self._saved_steps = {int(meta.get("global_step", -1)) for meta in manifest["checkpoints"].values()}
+        if trainer.is_global_zero and manifest.get("model") is None:
             self.store.update_manifest(lambda m: m.__setitem__("model", model_description(pl_module)))
         trainer.strategy.barrier("CheckpointRecorder.setup")
 
@@ -101,18 +104,17 @@ class CheckpointRecorder(Callback):
         """Save the current weights (rank 0), unless a checkpoint at this step exists; return its tag."""
         assert self.store is not None, "CheckpointRecorder.save called before setup"
         tag = checkpoint_tag(trainer.current_epoch, trainer.global_step)
-        if trainer.is_global_zero:
-            existing = self.store.manifest["checkpoints"]
-            # the tag holds the step, so one saved at this step (a resumed run) is never rewritten
-            if not any(meta.get("global_step") == trainer.global_step for meta in existing.values()):
-                self.store.save_checkpoint(
-                    tag,
-                    pl_module.state_dict(),
-                    {
-                        "epoch": int(trainer.current_epoch),
-                        "global_step": int(trainer.global_step),
-                        "learning_rates": learning_rates(trainer),
-                    },
-                )
+        # the tag holds the step, so one saved at this step (a resumed run) is never rewritten
+        if trainer.is_global_zero and trainer.global_step not in self._saved_steps:
+            self.store.save_checkpoint(
+                tag,
+                pl_module.state_dict(),
+                {
+                    "epoch": int(trainer.current_epoch),
+                    "global_step": int(trainer.global_step),
+                    "learning_rates": learning_rates(trainer),
+                },
+            )
+            self._saved_steps.add(int(trainer.global_step))
         trainer.strategy.barrier("CheckpointRecorder.save")
         return tag
