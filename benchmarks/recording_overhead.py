@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--datasets", nargs="+", choices=["digits", "synthetic"], default=["digits", "synthetic"])
     args = parser.parse_args(argv)
     torch.set_float32_matmul_precision("high")
     if args.quick:
@@ -111,7 +112,8 @@ def main(argv: list[str] | None = None) -> str:
         digits = ("digits (1438 train / 359 val)", lambda: ImageClassifier(DigitsCNN()), lambda: DigitsDataModule(), 20, args.repeats)
         synth = ("synthetic 3x32x32 (10k train / 2k val)", lambda: ImageClassifier(SmallConvNet()), lambda: SyntheticDataModule(10_000, 2_000), 2, max(2, args.repeats // 2))
     rows = []
-    for name, mm, md, epochs, repeats in (digits, synth):
+    chosen = [case for key, case in (("digits", digits), ("synthetic", synth)) if key in args.datasets]
+    for name, mm, md, epochs, repeats in chosen:
         rows += measure(name, mm, md, epochs, repeats)
     table = markdown_table(
         ["figure", "with recorder (median)", "plain (median)", "time ratio", "overhead median (range)", "target"], rows
