@@ -92,6 +92,21 @@ def test_schedules(tmp_path):
     assert "margins/train" not in store.array_names()
 
 
+def test_checkpoints_a_killed_run_saved_but_did_not_list(tmp_path):
+    store_path = tmp_path / "s"
+    fit(tmp_path, [CheckpointRecorder(store_path, on_fit_end=False)], epochs=2)
+    store = RunStore(store_path, create=False)
+    listed = store.manifest["checkpoints"]
+    assert sorted(listed) == ["epoch=0-step=8", "epoch=1-step=16"]
+    # a kill after the saves, before the manifest listed them: the files are complete
+    store.update_manifest(lambda m: m["checkpoints"].clear())
+    assert store.checkpoints() == listed and store.checkpoint_tags() == ["epoch=0-step=8", "epoch=1-step=16"]
+    files = {p.name: p.stat().st_mtime_ns for p in (store_path / "checkpoints").iterdir()}
+    fit(tmp_path, [CheckpointRecorder(store_path, on_fit_end=False)], epochs=2)  # the same run again
+    assert RunStore(store_path, create=False).manifest["checkpoints"] == listed  # listed at setup
+    assert {p.name: p.stat().st_mtime_ns for p in (store_path / "checkpoints").iterdir()} == files  # not rewritten
+
+
 # ------------------------------------------------------------------------------- bad input
 
 

@@ -218,3 +218,17 @@ def test_durable_store_syncs_manifest_and_checkpoints(tmp_path, monkeypatch, dur
     # the first manifest, the checkpoint file and the manifest listing it; nothing when not durable
     assert len(synced) == (3 if durable else 0)
     assert torch.equal(store.load_checkpoint("t")[0]["w"], torch.ones(2))
+
+
+def test_checkpoint_listing_can_wait_for_flush(tmp_path):
+    store = RunStore(tmp_path / "run")
+    store.save_checkpoint("epoch=1-step=8", {"w": torch.ones(2)}, {"global_step": 8}, list_now=False)
+    store.save_checkpoint("epoch=0-step=4", {"w": torch.zeros(2)}, {"global_step": 4}, list_now=False)
+    assert store.manifest["checkpoints"] == {}  # the files are complete, the listing waits
+    other = RunStore(tmp_path / "run", create=False)  # another process finds the files
+    assert other.checkpoint_tags() == ["epoch=0-step=4", "epoch=1-step=8"]
+    assert other.checkpoints()["epoch=1-step=8"] == {"global_step": 8}
+    store.flush()  # one manifest write for both
+    assert store.manifest["checkpoints"] == {"epoch=0-step=4": {"global_step": 4}, "epoch=1-step=8": {"global_step": 8}}
+    (tmp_path / "run" / "checkpoints" / "epoch=2-step=9.safetensors.123.4.partial").write_bytes(b"torn")
+    assert other.checkpoint_tags() == ["epoch=0-step=4", "epoch=1-step=8"]  # a torn temporary file is no checkpoint

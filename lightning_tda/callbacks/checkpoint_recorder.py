@@ -30,7 +30,9 @@ class CheckpointRecorder(Callback):
     Checkpoints are safetensors (loading never unpickles) with metadata: epoch, global step and the
     learning rate of every param group of every optimizer (TracIn weights checkpoints by it). Under
     DDP rank 0 writes (weights are replicated) and the others wait. A checkpoint already in the
-    store at the same step (a resumed run) is not written twice.
+    store at the same step (a resumed run) is not written twice. Each file is complete when its
+    save returns; the manifest lists them in batches, before any Lightning checkpoint, at the
+    end of fit and on errors (:meth:`RunStore.checkpoints` also finds those not listed yet).
 
     Args:
         store: a :class:`~lightning_tda.store.RunStore` or a path/URL for one.
@@ -67,9 +69,10 @@ class CheckpointRecorder(Callback):
         if stage != "fit":
             return
         self.store = open_store(self.store_arg, trainer)
-        manifest = self.store.manifest
-        self._saved_steps = {int(meta.get("global_step", -1)) for meta in manifest["checkpoints"].values()}
-        if trainer.is_global_zero and manifest.get("model") is None:
+        # A killed run may have saved checkpoints it had not listed yet: list them now.
+        saved = self.store.checkpoints(list_found=trainer.is_global_zero)
+        self._saved_steps = {int(meta.get("global_step", -1)) for meta in saved.values()}
+        if trainer.is_global_zero and self.store.manifest.get("model") is None:
             self.store.update_manifest(lambda m: m.__setitem__("model", model_description(pl_module)))
         trainer.strategy.barrier("CheckpointRecorder.setup")
 
@@ -87,9 +90,27 @@ class CheckpointRecorder(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.schedule.on_fit_end:
             self.save(trainer, pl_module)
+        self.flush()
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.flush()
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        try:  # list what was saved; the original exception is the one to see
+            self.flush()
+        except Exception as err:  # noqa: BLE001
+            warnings.warn(f"CheckpointRecorder: listing saved checkpoints failed while handling another error: {err}")
+
+    def flush(self) -> None:
+        """List the checkpoints saved so far in the manifest (saves list them in batches)."""
+        if self.store is not None:
+            self.store.flush()
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        self.flush()  # Lightning is saving a checkpoint: the manifest lists everything before it
         return {"store": str(self.store_arg)}
 
     @override
@@ -114,6 +135,7 @@ class CheckpointRecorder(Callback):
                     "global_step": int(trainer.global_step),
                     "learning_rates": learning_rates(trainer),
                 },
+                list_now=False,  # listed at the next flush, with the others (one manifest write)
             )
             self._saved_steps.add(int(trainer.global_step))
         trainer.strategy.barrier("CheckpointRecorder.save")
