@@ -61,6 +61,31 @@ def test_kill_during_recording_then_resume(tmp_path, reference):
     assert_same_store(reference, RunStore(tmp_path / "store", create=False))
 
 
+def test_kill_after_a_lightning_checkpoint_on_an_epochs_last_step(tmp_path, reference):
+    # 200 rows in batches of 32: 7 steps an epoch. Lightning checkpoints at step 14, after epoch
+    # 1's last batch; the kill comes before epoch 1 ends, so no recorder has seen that epoch end,
+    # and the resume does not replay it: the recorders take it at the start of training.
+    killed = run(tmp_path, "--lightning-every-step", "7", "--kill-at-epoch-end", "1")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert [r["tag"] for r in RunStore(tmp_path / "store", create=False).manifest["records"]["margins"]] == ["epoch=0"]
+    resumed = run(tmp_path, "--lightning-every-step", "7", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    store = RunStore(tmp_path / "store", create=False)
+    assert store.manifest["records"] == reference.manifest["records"]  # margins' and gradients'
+    assert store.checkpoints() == reference.checkpoints()
+    # Lightning itself resumes from such a checkpoint with another data order (its final weights
+    # differ from an uninterrupted run's, recorders or not), so only epochs 0 and 1 must match.
+    for name in store.array_names():
+        assert store.is_complete(name), name
+        if name.startswith(("margins/", "losses/", "preds/", "embeddings/")):  # [record, example, ...]
+            np.testing.assert_array_equal(store.read(name)[:2], reference.read(name)[:2], err_msg=name)
+        elif "/epoch=0" in name or "/epoch=1" in name:  # a record's gradients, out_to_loss
+            np.testing.assert_array_equal(store.read(name), reference.read(name), err_msg=name)
+    for tag in ["epoch=0-step=7", "epoch=1-step=14"]:
+        ours, theirs = store.load_checkpoint(tag)[0], reference.load_checkpoint(tag)[0]
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), tag
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", ["before", "between", "after"])
 @pytest.mark.parametrize("record", [0, 1, 2])
@@ -68,3 +93,17 @@ def test_kill_everywhere(tmp_path, reference, phase, record):
     kill_at = record * WRITES_PER_RECORD + 1 + (7 * record + 3) % WRITES_PER_RECORD
     kill_and_resume(tmp_path, kill_at, phase)
     assert_same_store(reference, RunStore(tmp_path / "store", create=False))
+
+
+def test_unfinished_epoch_end_reads_lightnings_loop_state():
+    from lightning_tda.callbacks.recording import unfinished_epoch_end
+
+    def ckpt(last_batch, processed):
+        progress = {"ready": 2, "started": 2, "processed": processed, "completed": 1}
+        loop = {"epoch_loop.batch_progress": {"is_last_batch": last_batch}, "epoch_progress": {"current": progress}}
+        return {"epoch": 1, "loops": {"fit_loop": loop}}
+
+    assert unfinished_epoch_end(ckpt(True, 1)) == 1  # after the last batch, before the epoch's end
+    assert unfinished_epoch_end(ckpt(True, 2)) is None  # the epoch's end ran (ModelCheckpoint there)
+    assert unfinished_epoch_end(ckpt(False, 1)) is None  # mid-epoch
+    assert unfinished_epoch_end({"epoch": 1}) is None  # no loop state (not a fit checkpoint)

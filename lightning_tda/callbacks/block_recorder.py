@@ -32,6 +32,7 @@ from lightning_tda.callbacks.recording import (
     iter_batches,
     model_description,
     open_store,
+    unfinished_epoch_end,
     world,
 )
 from lightning_tda.data import BatchFn, BatchParser, dataset_fingerprint
@@ -80,6 +81,7 @@ class BlockRecorder(Callback):
         self.store: RunStore | None = None
         self.datasets: dict[str, Dataset] = {}
         self._restored_step: int | None = None
+        self._unfinished_epoch: int | None = None  # see on_train_start
         self._probes: dict[str, list[Tensor]] = {}  # per split: one probe batch's columns
         self._fresh: set[str] = set()  # tags this process declared just now: no block written yet
         self._batch_sizes: dict[str, int] = {}  # per split, once
@@ -150,6 +152,15 @@ class BlockRecorder(Callback):
                     self._write_record(trainer, pl_module, record)
 
     @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Resumed from a checkpoint taken after an epoch's last batch, before its end: Lightning
+        # may not replay that epoch's end, so take its record now (the weights are that epoch
+        # end's; if Lightning does replay it, the record is found complete there).
+        epoch, self._unfinished_epoch = self._unfinished_epoch, None
+        if epoch is not None and self.schedule.at_epoch_end(epoch):
+            self.record(trainer, pl_module, self.epoch_tag(trainer, epoch), epoch=epoch)
+
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.schedule.at_epoch_end(trainer.current_epoch):
             self.record(trainer, pl_module, self.epoch_tag(trainer))
@@ -183,6 +194,7 @@ class BlockRecorder(Callback):
     @override
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         self._restored_step = int(checkpoint.get("global_step", 0))
+        self._unfinished_epoch = unfinished_epoch_end(checkpoint)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -200,19 +212,20 @@ class BlockRecorder(Callback):
             )
 
     # ------------------------------------------------------------------ recording
-    def epoch_tag(self, trainer: L.Trainer) -> str:
-        return f"epoch={trainer.current_epoch}"
+    def epoch_tag(self, trainer: L.Trainer, epoch: int | None = None) -> str:
+        return f"epoch={trainer.current_epoch if epoch is None else epoch}"
 
     def records(self) -> list[dict[str, Any]]:
         """This recorder's records, as listed in the manifest."""
         assert self.store is not None, f"{type(self).__name__} used before setup"
         return list(self.store.manifest["records"].get(self.records_key, []))
 
-    def record(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> None:
-        """Take (or finish) the record ``tag`` of the current weights."""
+    def record(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str, epoch: int | None = None) -> None:
+        """Take (or finish) the record ``tag`` of the current weights (at ``epoch``, by default
+        the trainer's)."""
         assert self.store is not None, f"{type(self).__name__}.record called before setup"
         if trainer.is_global_zero:
-            self._declare(trainer, pl_module, tag)
+            self._declare(trainer, pl_module, tag, trainer.current_epoch if epoch is None else epoch)
         trainer.strategy.barrier(f"{type(self).__name__}.declare")
         if trainer.world_size > 1:  # see the arrays rank 0 grew
             self.store.refresh()
@@ -247,7 +260,7 @@ class BlockRecorder(Callback):
                 self._probes[split] = self._probe(pl_module, dataset)
         return {split: self.array_specs(split, record, self._probes[split]) for split in self.datasets}
 
-    def _declare(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> None:
+    def _declare(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str, epoch: int) -> None:
         """Rank 0: create or grow the record's arrays, then list it in the manifest."""
         assert self.store is not None
         records = self.records()
@@ -255,7 +268,7 @@ class BlockRecorder(Callback):
         entry = existing[0] if existing else {
             "tag": tag,
             "index": len(records),
-            "epoch": int(trainer.current_epoch),
+            "epoch": int(epoch),
             "global_step": int(trainer.global_step),
             "splits": list(self.splits),
             **self.describe_record(trainer),

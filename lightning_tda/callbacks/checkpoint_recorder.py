@@ -15,6 +15,7 @@ from lightning_tda.callbacks.recording import (
     learning_rates,
     model_description,
     open_store,
+    unfinished_epoch_end,
 )
 from lightning_tda.store import RunStore
 
@@ -59,6 +60,7 @@ class CheckpointRecorder(Callback):
         )
         self.store: RunStore | None = None
         self._saved_steps: set[int] = set()  # global steps with a checkpoint in the store
+        self._unfinished_epoch: int | None = None  # see on_train_start
 
     @property
     def state_key(self) -> str:
@@ -82,9 +84,20 @@ class CheckpointRecorder(Callback):
             self.save(trainer, pl_module)
 
     @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # as BlockRecorder.on_train_start: an epoch end a resume may skip is saved now
+        epoch, self._unfinished_epoch = self._unfinished_epoch, None
+        if epoch is not None and self.schedule.at_epoch_end(epoch):
+            self.save(trainer, pl_module, epoch=epoch)
+
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.schedule.at_epoch_end(trainer.current_epoch):
             self.save(trainer, pl_module)
+
+    @override
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._unfinished_epoch = unfinished_epoch_end(checkpoint)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -121,17 +134,19 @@ class CheckpointRecorder(Callback):
                 f"pointed at {str(self.store_arg)!r}: earlier checkpoints stay in the old store"
             )
 
-    def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
-        """Save the current weights (rank 0), unless a checkpoint at this step exists; return its tag."""
+    def save(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int | None = None) -> str:
+        """Save the current weights (rank 0), unless a checkpoint at this step exists; return its
+        tag. ``epoch``: the trainer's by default."""
         assert self.store is not None, "CheckpointRecorder.save called before setup"
-        tag = checkpoint_tag(trainer.current_epoch, trainer.global_step)
+        epoch = trainer.current_epoch if epoch is None else epoch
+        tag = checkpoint_tag(epoch, trainer.global_step)
         # the tag holds the step, so one saved at this step (a resumed run) is never rewritten
         if trainer.is_global_zero and trainer.global_step not in self._saved_steps:
             self.store.save_checkpoint(
                 tag,
                 pl_module.state_dict(),
                 {
-                    "epoch": int(trainer.current_epoch),
+                    "epoch": int(epoch),
                     "global_step": int(trainer.global_step),
                     "learning_rates": learning_rates(trainer),
                 },

@@ -146,6 +146,22 @@ def isolated_eval(module: nn.Module, grad: bool = False) -> Iterator[None]:
         random.setstate(py_rng)
 
 
+def unfinished_epoch_end(checkpoint: Mapping[str, Any]) -> int | None:
+    """The epoch a Lightning checkpoint was taken at the end of, after its last batch but before
+    its end-of-epoch hooks ran (``ModelCheckpoint(every_n_train_steps=...)`` on an epoch's last
+    step, or at an end-of-epoch validation); None otherwise. Resuming from such a checkpoint,
+    Lightning may skip that epoch's end, and the records due there with it; the weights restored
+    are that epoch end's, so a recorder takes them at the start of training instead."""
+    try:
+        loop = checkpoint["loops"]["fit_loop"]
+        epochs = loop["epoch_progress"]["current"]
+        if loop["epoch_loop.batch_progress"]["is_last_batch"] and epochs["processed"] < epochs["started"]:
+            return int(checkpoint["epoch"])
+    except (KeyError, TypeError):  # not a fit checkpoint, or another Lightning's layout
+        pass
+    return None
+
+
 def world(trainer: L.Trainer) -> tuple[int, int]:
     """``(global_rank, world_size)`` of the trainer."""
     return int(trainer.global_rank), int(trainer.world_size)
