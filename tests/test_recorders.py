@@ -1,7 +1,6 @@
 """MarginRecorder and CheckpointRecorder driving a real Trainer on digits."""
 
 import json
-import warnings
 
 import lightning as L
 import numpy as np

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from lightning_tda.data import DigitsDataModule
 from lightning_tda.ensemble import random_subset_masks
