@@ -65,14 +65,17 @@ def write_chunk(arr: zarr.Array, index: tuple[Any, ...], values: np.ndarray) -> 
     coords += [0] * len(trailing)
     block = np.asarray(values).reshape((1,) * (len(index) - 1) + np.shape(values))
     dtype = arr.dtype.newbyteorder("<") if arr.dtype.itemsize > 1 else arr.dtype
-    chunk = np.full(chunks, arr.metadata.fill_value, dtype=dtype)
-    chunk[tuple(slice(0, n) for n in block.shape)] = block
+    if block.shape == tuple(chunks):  # no copy of a whole block (a block of gradients is large)
+        chunk = np.ascontiguousarray(block, dtype=dtype)
+    else:  # the edge chunk: padded with the fill value, as zarr stores it
+        chunk = np.full(chunks, arr.metadata.fill_value, dtype=dtype)
+        chunk[tuple(slice(0, n) for n in block.shape)] = block
     path = os.path.join(directory, arr.metadata.encode_chunk_key(tuple(coords)))
     tmp = f"{path}.{uuid.uuid4().hex}.partial"
     os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
         with open(tmp, "wb") as f:
-            f.write(chunk.tobytes(order="C"))
+            f.write(memoryview(chunk).cast("B"))  # C-contiguous: its bytes, without a copy
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
