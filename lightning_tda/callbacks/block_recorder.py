@@ -18,7 +18,6 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import Dataset
@@ -26,13 +25,13 @@ from typing_extensions import override
 
 from lightning_tda.callbacks.recording import (
     RecordSchedule,
+    StoreRecorder,
     as_store,
     find_datasets,
     isolated_eval,
     iter_batches,
     model_description,
     open_store,
-    unfinished_epoch_end,
     world,
 )
 from lightning_tda.data import BatchFn, BatchParser, dataset_fingerprint
@@ -52,7 +51,7 @@ class ArraySpec:
     lead: tuple[int, ...] = ()
 
 
-class BlockRecorder(Callback):
+class BlockRecorder(StoreRecorder):
     """Base class: scheduling, datasets, fingerprints, DDP division of row blocks, resume."""
 
     records_key: str = "records"
@@ -71,6 +70,7 @@ class BlockRecorder(Callback):
             raise ValueError(f"splits must be a non-empty sequence of split names, got {splits!r}")
         if (batch_size is not None and batch_size < 1) or (block_rows is not None and block_rows < 1):
             raise ValueError(f"batch_size and block_rows must be positive, got {batch_size} and {block_rows}")
+        super().__init__()
         self.store_arg = as_store(store)
         self.splits = tuple(splits)
         self.schedule = schedule
@@ -78,10 +78,8 @@ class BlockRecorder(Callback):
         self.explicit_datasets = dict(datasets) if datasets else None
         self.batch_size = batch_size
         self.block_rows = block_rows
-        self.store: RunStore | None = None
         self.datasets: dict[str, Dataset] = {}
         self._restored_step: int | None = None
-        self._unfinished_epoch: int | None = None  # see on_train_start
         self._probes: dict[str, list[Tensor]] = {}  # per split: one probe batch's columns
         self._fresh: set[str] = set()  # tags this process declared just now: no block written yet
         self._batch_sizes: dict[str, int] = {}  # per split, once
@@ -151,14 +149,8 @@ class BlockRecorder(Callback):
                 if record["global_step"] == self._restored_step:
                     self._write_record(trainer, pl_module, record)
 
-    @override
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Resumed from a checkpoint taken after an epoch's last batch, before its end: Lightning
-        # may not replay that epoch's end, so take its record now (the weights are that epoch
-        # end's; if Lightning does replay it, the record is found complete there).
-        epoch, self._unfinished_epoch = self._unfinished_epoch, None
-        if epoch is not None and self.schedule.at_epoch_end(epoch):
-            self.record(trainer, pl_module, self.epoch_tag(trainer, epoch), epoch=epoch)
+    def take_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
+        self.record(trainer, pl_module, self.epoch_tag(trainer, epoch), epoch=epoch)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -176,25 +168,9 @@ class BlockRecorder(Callback):
             self._trim(trainer)
 
     @override
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.flush()
-
-    @override
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        try:  # keep what was computed; the original exception is the one to see
-            self.flush()
-        except Exception as err:  # noqa: BLE001
-            warnings.warn(f"{type(self).__name__}: a store write failed while handling another error: {err}")
-
-    def flush(self) -> None:
-        """Wait until every row this recorder computed is in the store."""
-        if self.store is not None:
-            self.store.flush()
-
-    @override
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
         self._restored_step = int(checkpoint.get("global_step", 0))
-        self._unfinished_epoch = unfinished_epoch_end(checkpoint)
 
     @override
     def state_dict(self) -> dict[str, Any]:

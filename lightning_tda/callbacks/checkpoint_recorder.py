@@ -6,16 +6,15 @@ import warnings
 from typing import Any, Sequence
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_tda.callbacks.recording import (
     RecordSchedule,
+    StoreRecorder,
     as_store,
     learning_rates,
     model_description,
     open_store,
-    unfinished_epoch_end,
 )
 from lightning_tda.store import RunStore
 
@@ -25,7 +24,7 @@ def checkpoint_tag(epoch: int, global_step: int) -> str:
     return f"epoch={epoch}-step={global_step}"
 
 
-class CheckpointRecorder(Callback):
+class CheckpointRecorder(StoreRecorder):
     """Save the module's state (parameters and buffers) into the RunStore at scheduled points.
 
     Checkpoints are safetensors (loading never unpickles) with metadata: epoch, global step and the
@@ -51,6 +50,7 @@ class CheckpointRecorder(Callback):
         at_epochs: Sequence[int] | None = None,
         on_fit_end: bool = True,
     ) -> None:
+        super().__init__()
         self.store_arg = as_store(store)
         self.schedule = RecordSchedule(
             every_n_epochs=every_n_epochs,
@@ -58,9 +58,7 @@ class CheckpointRecorder(Callback):
             at_epochs=tuple(at_epochs) if at_epochs is not None else None,
             on_fit_end=on_fit_end,
         )
-        self.store: RunStore | None = None
         self._saved_steps: set[int] = set()  # global steps with a checkpoint in the store
-        self._unfinished_epoch: int | None = None  # see on_train_start
 
     @property
     def state_key(self) -> str:
@@ -83,12 +81,8 @@ class CheckpointRecorder(Callback):
         if self.schedule.at_step(trainer.global_step):
             self.save(trainer, pl_module)
 
-    @override
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # as BlockRecorder.on_train_start: an epoch end a resume may skip is saved now
-        epoch, self._unfinished_epoch = self._unfinished_epoch, None
-        if epoch is not None and self.schedule.at_epoch_end(epoch):
-            self.save(trainer, pl_module, epoch=epoch)
+    def take_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
+        self.save(trainer, pl_module, epoch=epoch)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -96,30 +90,10 @@ class CheckpointRecorder(Callback):
             self.save(trainer, pl_module)
 
     @override
-    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        self._unfinished_epoch = unfinished_epoch_end(checkpoint)
-
-    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.schedule.on_fit_end:
             self.save(trainer, pl_module)
-        self.flush()
-
-    @override
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.flush()
-
-    @override
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        try:  # list what was saved; the original exception is the one to see
-            self.flush()
-        except Exception as err:  # noqa: BLE001
-            warnings.warn(f"CheckpointRecorder: listing saved checkpoints failed while handling another error: {err}")
-
-    def flush(self) -> None:
-        """List the checkpoints saved so far in the manifest (saves list them in batches)."""
-        if self.store is not None:
-            self.store.flush()
+        self.flush()  # the manifest lists the checkpoints saved (saves list them in batches)
 
     @override
     def state_dict(self) -> dict[str, Any]:

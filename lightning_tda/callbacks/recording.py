@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
+from typing_extensions import override
 
 from lightning_tda.data import BatchParser, TensorImageDataset
 from lightning_tda.store import RunStore, validate_name
@@ -160,6 +163,53 @@ def unfinished_epoch_end(checkpoint: Mapping[str, Any]) -> int | None:
     except (KeyError, TypeError):  # not a fit checkpoint, or another Lightning's layout
         pass
     return None
+
+
+class StoreRecorder(Callback):
+    """What every recorder shares: its store, flushed at teardown and on errors (and wherever a
+    subclass must leave nothing pending), and the epoch end a resume may skip.
+
+    Subclasses set ``schedule`` and ``store`` and say, in :meth:`take_epoch_end`, what they record
+    at an epoch end."""
+
+    schedule: RecordSchedule
+
+    def __init__(self) -> None:
+        self.store: RunStore | None = None
+        self._unfinished_epoch: int | None = None  # see on_train_start
+
+    def take_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
+        """Record (or save) what the schedule wants at the end of ``epoch``, with the current weights."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Wait until everything this recorder wrote is in the store (and listed there)."""
+        if self.store is not None:
+            self.store.flush()
+
+    @override
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._unfinished_epoch = unfinished_epoch_end(checkpoint)
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Resumed from a checkpoint taken after an epoch's last batch, before its end: Lightning
+        # may not replay that epoch's end, so take it now (the weights are that epoch end's; if
+        # Lightning does replay it, the record or checkpoint is found there already).
+        epoch, self._unfinished_epoch = self._unfinished_epoch, None
+        if epoch is not None and self.schedule.at_epoch_end(epoch):
+            self.take_epoch_end(trainer, pl_module, epoch)
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.flush()
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        try:  # keep what was recorded; the original exception is the one to see
+            self.flush()
+        except Exception as err:  # noqa: BLE001
+            warnings.warn(f"{type(self).__name__}: a store write failed while handling another error: {err}")
 
 
 def world(trainer: L.Trainer) -> tuple[int, int]:
