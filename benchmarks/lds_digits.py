@@ -63,8 +63,8 @@ def train_attribution_runs(root: Path, train, test, runs: int, epochs: int, k: i
     every = max(1, epochs // 5)
     for r in range(runs):
         path = root / f"run{r}"
-        if (path / "manifest.json").exists() and RunStore(path, create=False).checkpoint_tags():
-            stores.append(RunStore(path, create=False))  # finished earlier (--out reused)
+        if (path / "manifest.json").exists() and RunStore(path).checkpoint_tags():
+            stores.append(RunStore(path))  # finished earlier (--out reused)
             continue
         L.seed_everything(100 + r, verbose=False)
         trainer = L.Trainer(
@@ -76,7 +76,7 @@ def train_attribution_runs(root: Path, train, test, runs: int, epochs: int, k: i
             ],
         )
         trainer.fit(ImageClassifier(DigitsCNN(), lr=0.05), FixedData(train, test))
-        stores.append(RunStore(path, create=False))
+        stores.append(RunStore(path))
     return stores
 
 

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> RunStore:
     )
     trainer.fit(ImageClassifier(DigitsCNN()), DigitsDataModule(n_train=n_train))
 
-    store = RunStore(args.store, create=False)
+    store = RunStore(args.store)
     print(store.summary())
     margins = store.read("margins/val")
     records = store.manifest["records"]["margins"]

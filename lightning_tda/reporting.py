@@ -36,46 +36,11 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor
 
+from lightning_tda.images import ImageLike, to_uint8_image
 from lightning_tda.store import validate_name
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
-
-ImageLike = Tensor | np.ndarray
-
-
-def to_uint8_image(image: ImageLike) -> np.ndarray:
-    """Convert one image to ``uint8`` [H, W] (grey) or [H, W, 3|4] for PNG files and W&B.
-
-    Accepts tensors or arrays shaped [H, W], [C, H, W] or [H, W, C] with C in 1, 3, 4 (where both
-    readings fit, channels first for tensors and last for numpy arrays). ``uint8``
-    passes through; bool becomes 0/255; floats in [0, 1] are scaled by 255, other floats are
-    min-max scaled per image (so a normalised input still shows).
-    """
-    channels_first = isinstance(image, Tensor)  # each library's convention, when the shape is ambiguous
-    array = image.detach().cpu().numpy() if isinstance(image, Tensor) else np.asarray(image)
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4):
-        if array.shape[-1] not in (1, 3, 4) or channels_first:
-            array = np.moveaxis(array, 0, -1)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise ValueError(
-            "an image must be [H, W], [C, H, W] or [H, W, C] with C in (1, 3, 4), "
-            f"got shape {array.shape}"
-        )
-    if array.dtype == np.uint8:
-        return array
-    if array.dtype == np.bool_:
-        return array.astype(np.uint8) * 255
-    array = array.astype(np.float64)
-    if not np.isfinite(array).all():
-        raise ValueError("an image has non-finite values (NaN or inf)")
-    low, high = float(array.min()), float(array.max())
-    if low < 0 or high > 1:
-        array = (array - low) / (high - low) if high > low else np.zeros_like(array)
-    return np.round(array * 255).astype(np.uint8)
-
 
 def _cell(value: Any) -> Any:
     """A table cell as a plain Python value (tensors and numpy scalars unwrapped)."""
@@ -230,6 +195,19 @@ class Reporter:
             ]
             self._to_wandb({name: wandb.Table(columns=columns + list(images), data=data)}, step)
         return csv_path
+
+    def log_frame(
+        self,
+        name: str,
+        frame: Any,
+        images: Mapping[str, Sequence[ImageLike | None] | Tensor | np.ndarray] | None = None,
+        step: int | None = None,
+    ) -> Path | None:
+        """:meth:`log_table` of a pandas DataFrame (an analysis result's ``to_frame()``): its
+        columns and rows, with optional image columns."""
+        columns = [str(c) for c in frame.columns]
+        rows = frame.astype(object).where(frame.notna(), None).values.tolist()
+        return self.log_table(name, columns, rows, images=images, step=step)
 
     @rank_zero_only
     def log_image_grid(

@@ -52,6 +52,9 @@ SCHEMA_VERSION = 2
 # Every chunk is written, even one equal to the fill value: a chunk's presence is its block's
 # completion flag.
 _ARRAY_CONFIG = {"write_empty_chunks": True}
+# What a store's directory holds (a store being created by another process may hold only some).
+_OWN_ENTRIES = frozenset({"manifest.json", "arrays", "checkpoints", ".manifest.lock"})
+_OWN_TEMPORARY_PREFIXES = (".write_probe.", "manifest.json.")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
 
 
@@ -65,6 +68,14 @@ class SchemaVersionError(StoreError):
 
 class FingerprintMismatchError(StoreError):
     """The store was written for a different dataset."""
+
+
+class StoreNotFoundError(StoreError):
+    """There is no RunStore at the path given (opening never creates one)."""
+
+
+class StoreExistsError(StoreError):
+    """A RunStore is already at the path given to :meth:`RunStore.create`."""
 
 
 _MANIFEST_LOCKS: dict[str, threading.Lock] = {}
@@ -134,9 +145,9 @@ class RunStore:
     """The record of one training run: manifest, zarr arrays in row blocks, safetensors checkpoints.
 
     Args:
-        path: a directory path or an fsspec URL (``memory://...``, ``s3://...``).
-        create: create the store if it does not exist (else raise).
-        run_name, algorithm, seed: written to a new store's manifest.
+        path: a directory path or an fsspec URL (``memory://...``, ``s3://...``) of an existing
+            store: opening never creates one (a mistyped path raises :class:`StoreNotFoundError`);
+            :meth:`create` makes a new store, and the recorders create theirs.
         durable: also ``fsync`` the manifest and checkpoint files before renaming them into place,
             so they survive a power loss or an OS crash too. Off by default: the rename already
             makes every write all-or-nothing when the writing process crashes or is killed, as
@@ -145,38 +156,84 @@ class RunStore:
 
     Example:
         >>> import tempfile, numpy as np
-        >>> store = RunStore(tempfile.mkdtemp() + "/run")
+        >>> store = RunStore.create(tempfile.mkdtemp() + "/run")
         >>> layout = store.ensure_array("preds/val", shape=(1, 5), dtype="int64", row_axis=1, block_rows=2)
         >>> store.write_block("preds/val", 0, np.array([3, 1]), lead=(0,))
         >>> store.incomplete_blocks("preds/val", lead=(0,))
         [(2, 4), (4, 5)]
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        create: bool = True,
-        run_name: str | None = None,
-        algorithm: str | None = None,
-        seed: int | None = None,
-        durable: bool = False,
-    ) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, durable: bool = False) -> None:
+        self._attach(path, durable)
+        if not self._fs.exists(self._join("manifest.json")):
+            raise StoreNotFoundError(
+                f"no RunStore at {self.path} (no manifest.json there); check the path, or make one: "
+                "the recorders (MarginRecorder, CheckpointRecorder, GradientRecorder) and SubsetSweep "
+                "create their store, and RunStore.create(path) makes an empty one"
+            )
+        self._check_schema(self.manifest)
+
+    def _attach(self, path: str | os.PathLike[str], durable: bool) -> None:
         self.path = str(path)
         self.durable = durable
         self._fs, self._root = fsspec.core.url_to_fs(self.path)
         self._is_local = "://" not in self.path or self.path.startswith("file://")
-        exists = self._fs.exists(self._join("manifest.json"))
-        if not exists and not create:
-            raise StoreError(f"no RunStore at {self.path} (manifest.json missing); record one first")
-        if not exists:
-            self._create(run_name, algorithm, seed)
-        self._check_schema(self.manifest)
         self._group_handle: zarr.Group | None = None  # opened on first use: checkpoints need no zarr
         self._handles: dict[str, zarr.Array] = {}
         self._writer: ThreadPoolExecutor | None = None  # background block writes (write_blocks)
         self._pending: list[Future[None]] = []
         self._unlisted: dict[str, dict[str, Any]] = {}  # saved checkpoints flush() lists
+
+    @classmethod
+    def exists(cls, path: str | os.PathLike[str]) -> bool:
+        """Whether a RunStore (a ``manifest.json``) is at ``path``."""
+        fs, root = fsspec.core.url_to_fs(str(path))
+        return bool(fs.exists(root.rstrip("/") + "/manifest.json"))
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        run_name: str | None = None,
+        algorithm: str | None = None,
+        seed: int | None = None,
+        durable: bool = False,
+        exist_ok: bool = False,
+    ) -> "RunStore":
+        """Create a new, empty RunStore at ``path`` and open it.
+
+        Refused when ``path`` is a non-empty directory that is not a store (nothing is written
+        into it), and when a store is there already unless ``exist_ok`` (then it is opened).
+        Several processes may create one store at once (shards, DDP ranks): one manifest wins.
+        """
+        store = cls.__new__(cls)
+        store._attach(path, durable)
+        if store._fs.exists(store._join("manifest.json")):
+            if not exist_ok:
+                raise StoreExistsError(
+                    f"a RunStore already exists at {store.path}; open it with RunStore(path), or "
+                    "pass exist_ok=True to create-or-open"
+                )
+        else:
+            foreign = store._foreign_entries()
+            if foreign:
+                raise StoreError(
+                    f"cannot create a RunStore at {store.path}: the directory is not empty and is "
+                    f"not a RunStore (it holds {foreign[:5]}); use a new or empty directory"
+                )
+            store._create(run_name, algorithm, seed)
+        return cls(path, durable=durable)
+
+    def _foreign_entries(self) -> list[str]:
+        """Entries of the store's directory that a store (or one being created by another process
+        at this moment) would not hold."""
+        if not self._fs.exists(self._root):
+            return []
+        if not self._fs.isdir(self._root):
+            return [self._root]
+        names = [str(p).rstrip("/").rsplit("/", 1)[-1] for p in self._fs.ls(self._root, detail=False)]
+        return sorted(n for n in names if n not in _OWN_ENTRIES and not n.startswith(_OWN_TEMPORARY_PREFIXES))
 
     # ------------------------------------------------------------------ paths and manifest
     def _join(self, *parts: str) -> str:
@@ -241,8 +298,20 @@ class RunStore:
     @property
     def manifest(self) -> dict[str, Any]:
         """The manifest as a fresh dict (read from storage every time)."""
-        with self._fs.open(self._join("manifest.json"), "r") as f:
-            return json.load(f)
+        path = self._join("manifest.json")
+        try:
+            with self._fs.open(path, "r") as f:
+                manifest = json.load(f)
+        except FileNotFoundError as err:
+            raise StoreNotFoundError(f"{path} has disappeared; was the store at {self.path} deleted?") from err
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise StoreError(
+                f"{path} is damaged ({err}): it is not valid JSON. Restore it from a backup, or "
+                "record the run again into a new store path"
+            ) from err
+        if not isinstance(manifest, dict):
+            raise StoreError(f"{path} is damaged: it holds a {type(manifest).__name__}, not a JSON object")
+        return manifest
 
     def _write_atomically(self, target: str, data: bytes, *, replace: bool = True) -> None:
         """Write a whole file so a reader (or a crash) sees the old or the new file, never half:

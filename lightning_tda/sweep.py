@@ -89,7 +89,7 @@ class SubsetSweep:
         if len(self.train_dataset) == 0:  # type: ignore[arg-type]
             raise ValueError("the training dataset is empty")
         if isinstance(self.store, str) or not isinstance(self.store, RunStore):
-            self.store = RunStore(self.store)
+            self.store = RunStore.create(self.store, exist_ok=True)
 
     # ------------------------------------------------------------------ layout
     @property

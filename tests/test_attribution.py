@@ -13,7 +13,7 @@ from lightning_tda.store import RunStore, StoreError, join_name
 def fake_gradient_store(path, records, n_train=12, n_test=5, k=7, seed=0):
     """A store laid out as GradientRecorder writes it, with known random features."""
     g = np.random.default_rng(seed)
-    store = RunStore(path)
+    store = RunStore.create(path)
     entries, truth = [], []
     for i, (tag, lr, step) in enumerate(records):
         feats = {"train": g.normal(size=(n_train, k)), "val": g.normal(size=(n_test, k))}
@@ -63,7 +63,7 @@ def test_trak_equals_closed_form(tmp_path, k):
             kernels.append(phi_t @ np.linalg.inv(phi.T @ phi + lam * np.eye(k)) @ phi.T)
             qs.append(q)
     expected = np.mean(kernels, 0) * np.mean(qs, 0)[None, :]
-    out = RunStore(tmp_path / "scores")
+    out = RunStore.create(tmp_path / "scores")
     got = TRAK(damping=lam).score(stores, out=out, block_rows=2)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(out.read("scores/trak/val"), expected, rtol=1e-4, atol=1e-6)
@@ -92,7 +92,7 @@ def test_top_k_self_influence_and_grid(tmp_path):
 
 
 def test_errors(tmp_path):
-    empty = RunStore(tmp_path / "empty")
+    empty = RunStore.create(tmp_path / "empty")
     with pytest.raises(StoreError, match="no recorded gradients.*GradientRecorder"):
         TRAK().score(empty)
     store, _ = fake_gradient_store(tmp_path / "s", [("epoch=0", 0.1, 10), ("epoch=1", 0.1, 20)])

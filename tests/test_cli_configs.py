@@ -20,7 +20,7 @@ def test_configs_add_the_recorders(tmp_path):
     ]
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    store = RunStore(tmp_path / "lightning_tda_store", create=False)
+    store = RunStore(tmp_path / "lightning_tda_store")
     assert [r["tag"] for r in store.manifest["records"]["margins"]] == ["epoch=0", "epoch=1"]
     assert store.read("margins/train").shape == (2, 128) and store.is_complete("margins/val")
     assert len(store.checkpoint_tags()) == 2

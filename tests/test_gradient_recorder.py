@@ -30,7 +30,7 @@ def fit(tmp_path, callbacks, model=None, epochs=2):
 def test_recorded_features_equal_engine_on_checkpoint(tmp_path, engine):
     path = tmp_path / "s"
     fit(tmp_path, [GradientRecorder(path, proj_dim=96, engine=engine, every_n_epochs=1, block_rows=64), CheckpointRecorder(path)])
-    store = RunStore(path, create=False)
+    store = RunStore(path)
     records = store.manifest["records"]["grads"]
     assert [r["tag"] for r in records] == ["epoch=0", "epoch=1"] and records[0]["learning_rates"] == [[0.05]]
     assert store.manifest["projection"]["proj_dim"] == 96
@@ -56,7 +56,7 @@ def test_recorded_features_equal_engine_on_checkpoint(tmp_path, engine):
 def test_final_model_only_by_default(tmp_path):
     path = tmp_path / "s"
     fit(tmp_path, [GradientRecorder(path, proj_dim=32, splits=("val",))])
-    assert [r["tag"] for r in RunStore(path, create=False).manifest["records"]["grads"]] == ["fit_end"]
+    assert [r["tag"] for r in RunStore(path).manifest["records"]["grads"]] == ["fit_end"]
 
 
 def test_bad_arguments():
@@ -116,7 +116,7 @@ def test_trak_with_identity_projection_equals_closed_form(tmp_path):
     model = ImageClassifier(MLP(64, 8, 10), lr=0.1)
     rec = GradientRecorder(path, proj_dim=1, engine="exact", engine_options={"projection": "identity"}, dtype="float32")
     fit(tmp_path, [rec], model=model, epochs=2)
-    store = RunStore(path, create=False)
+    store = RunStore(path)
     assert store.manifest["projection"]["projector"] == "identity"
     model.eval()
     params = [p for p in model.parameters()]

@@ -44,7 +44,7 @@ def assert_same_snapshot(a, b):
 def test_margins_equal_recomputation_from_checkpoints(tmp_path):
     store_path = tmp_path / "store"
     fit(tmp_path, [MarginRecorder(store_path, block_rows=100, batch_size=64), CheckpointRecorder(store_path)], epochs=3)
-    store = RunStore(store_path, create=False)
+    store = RunStore(store_path)
     records = store.manifest["records"]["margins"]
     assert [r["tag"] for r in records] == ["epoch=0", "epoch=1", "epoch=2"]  # fit_end is the same step
     tags = store.checkpoint_tags()
@@ -77,7 +77,7 @@ def test_recording_does_not_change_training(tmp_path):
     for (name, a), (_, b) in zip(plain.state_dict().items(), recorded.state_dict().items()):
         assert torch.equal(a, b), name
     assert recorded.training  # mode restored
-    store = RunStore(tmp_path / "s", create=False)
+    store = RunStore(tmp_path / "s")
     assert store.read("embeddings/val").shape == (2, 359, 64)
 
 
@@ -85,7 +85,7 @@ def test_schedules(tmp_path):
     store_path = tmp_path / "s"
     fit(tmp_path, [MarginRecorder(store_path, splits=("val",), every_n_epochs=None, at_epochs=[1], on_fit_end=True),
                    CheckpointRecorder(store_path, every_n_epochs=2, on_fit_end=False)], epochs=3)
-    store = RunStore(store_path, create=False)
+    store = RunStore(store_path)
     assert [r["tag"] for r in store.manifest["records"]["margins"]] == ["epoch=1", "fit_end"]
     assert store.checkpoint_tags() == ["epoch=1-step=16"]
     assert "margins/train" not in store.array_names()
@@ -94,7 +94,7 @@ def test_schedules(tmp_path):
 def test_checkpoints_a_killed_run_saved_but_did_not_list(tmp_path):
     store_path = tmp_path / "s"
     fit(tmp_path, [CheckpointRecorder(store_path, on_fit_end=False)], epochs=2)
-    store = RunStore(store_path, create=False)
+    store = RunStore(store_path)
     listed = store.manifest["checkpoints"]
     assert sorted(listed) == ["epoch=0-step=8", "epoch=1-step=16"]
     # a kill after the saves, before the manifest listed them: the files are complete
@@ -102,7 +102,7 @@ def test_checkpoints_a_killed_run_saved_but_did_not_list(tmp_path):
     assert store.checkpoints() == listed and store.checkpoint_tags() == ["epoch=0-step=8", "epoch=1-step=16"]
     files = {p.name: p.stat().st_mtime_ns for p in (store_path / "checkpoints").iterdir()}
     fit(tmp_path, [CheckpointRecorder(store_path, on_fit_end=False)], epochs=2)  # the same run again
-    assert RunStore(store_path, create=False).manifest["checkpoints"] == listed  # listed at setup
+    assert RunStore(store_path).manifest["checkpoints"] == listed  # listed at setup
     assert {p.name: p.stat().st_mtime_ns for p in (store_path / "checkpoints").iterdir()} == files  # not rewritten
 
 
@@ -140,11 +140,11 @@ def test_unparseable_batch_hints_batch_fn(tmp_path):
     # with a batch_fn it records
     rec = MarginRecorder(tmp_path / "s2", splits=("train",), batch_fn=lambda b: (b["image"], b["label"]))
     fit(tmp_path, [rec], model=DictClassifier(DigitsCNN(width=4)), dm=DictDM(), epochs=1)
-    assert RunStore(tmp_path / "s2", create=False).is_complete("margins/train")
+    assert RunStore(tmp_path / "s2").is_complete("margins/train")
 
 
 def test_labels_out_of_range(tmp_path, recorded_store):
-    before = snapshot(RunStore(recorded_store, create=False))
+    before = snapshot(RunStore(recorded_store))
     labels = torch.randint(0, 10, (64,))
     labels[37] = 12
     bad = TensorDataset(torch.rand(64, 1, 8, 8), labels)
@@ -155,23 +155,23 @@ def test_labels_out_of_range(tmp_path, recorded_store):
     rec = MarginRecorder(recorded_store, splits=("val", "bad"), datasets={"bad": bad})
     with pytest.raises(ValueError, match="out of range"):
         fit(tmp_path, [rec], epochs=1)
-    after = snapshot(RunStore(recorded_store, create=False))
+    after = snapshot(RunStore(recorded_store))
     np.testing.assert_array_equal(before["arrays"]["margins/val"][0], after["arrays"]["margins/val"][0])
 
 
 def test_output_fn_of_wrong_shape(tmp_path, recorded_store):
-    before = snapshot(RunStore(recorded_store, create=False))
+    before = snapshot(RunStore(recorded_store))
     rec = MarginRecorder(recorded_store, splits=("val",), output_fn=lambda m, x, y: m(x))
     with pytest.raises(ValueError, match="one scalar per example"):
         fit(tmp_path, [rec], epochs=1)
-    assert_same_snapshot(before, snapshot(RunStore(recorded_store, create=False)))
+    assert_same_snapshot(before, snapshot(RunStore(recorded_store)))
 
 
 def test_store_of_another_dataset(tmp_path, recorded_store):
-    before = snapshot(RunStore(recorded_store, create=False))
+    before = snapshot(RunStore(recorded_store))
     with pytest.raises(FingerprintMismatchError, match="another 'val' dataset"):
         fit(tmp_path, [MarginRecorder(recorded_store, splits=("val",))], dm=small_dm(split_seed=3))
-    assert_same_snapshot(before, snapshot(RunStore(recorded_store, create=False)))
+    assert_same_snapshot(before, snapshot(RunStore(recorded_store)))
 
 
 def test_store_of_newer_schema(tmp_path, recorded_store):
@@ -211,7 +211,7 @@ def test_nan_outputs_are_recorded_and_reported(tmp_path):
     rec = MarginRecorder(tmp_path / "s", splits=("val",), output_fn=nan_margin, on_fit_end=False, batch_size=4096)
     with pytest.warns(RuntimeWarning, match=r"non-finite outputs in split 'val'.*examples \[0, 50"):
         fit(tmp_path, [rec], epochs=1)
-    values = RunStore(tmp_path / "s", create=False).read("outputs/val")[0]
+    values = RunStore(tmp_path / "s").read("outputs/val")[0]
     assert np.isnan(values[::50]).all() and np.isfinite(values[1::50]).all()
     assert rec.nonfinite_count == len(values[::50])
 
@@ -221,7 +221,7 @@ def test_read_margins_returns_complete_records_only(tmp_path):
 
     path = tmp_path / "s"
     fit(tmp_path, [MarginRecorder(path, splits=("val",), block_rows=100, on_fit_end=False)], epochs=2)
-    store = RunStore(path, create=False)
+    store = RunStore(path)
     values, records = read_margins(store, "val")
     assert values.shape == (2, 359) and [r["tag"] for r in records] == ["epoch=0", "epoch=1"]
     # a record with an unwritten block (as a crash leaves it) is not returned
@@ -242,7 +242,7 @@ def test_margin_recorder_on_an_ensemble_records_every_copy(tmp_path):
     dm = IndexedDataModule(DigitsDataModule(batch_size=32, n_train=128))
     trainer = L.Trainer(max_epochs=2, callbacks=[MarginRecorder(path, block_rows=50)], **trainer_kwargs(tmp_path))
     trainer.fit(module, dm)
-    store = RunStore(path, create=False)
+    store = RunStore(path)
     assert store.read("margins/train").shape == (2, 128, 3)
     plain = DigitsDataModule(n_train=128)
     plain.setup()
@@ -273,7 +273,7 @@ def test_models_that_cannot_take_channels_last_still_record(tmp_path):
     assert rec._channels_last is False
     with torch.no_grad():
         expected = margin_from_logits(model.eval()(images), labels).numpy()
-    np.testing.assert_allclose(RunStore(path, create=False).read("margins/rgb")[0], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(RunStore(path).read("margins/rgb")[0], expected, rtol=1e-5, atol=1e-5)
 
 
 class StopAfter(L.Callback):
@@ -284,7 +284,7 @@ class StopAfter(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         if trainer.current_epoch == 0:
-            self.rows_mid_fit = RunStore(self.store_path, create=False).layout("margins/val").shape[0]
+            self.rows_mid_fit = RunStore(self.store_path).layout("margins/val").shape[0]
         if trainer.current_epoch + 1 >= self.epochs:
             trainer.should_stop = True
 
@@ -296,7 +296,7 @@ def test_rows_reserved_for_planned_records_are_given_back(tmp_path):
     stopper = StopAfter(path, epochs=2)
     fit(tmp_path, [MarginRecorder(path, splits=("val",)), stopper], epochs=6)
     assert stopper.rows_mid_fit == 7  # this record, 5 later epochs, fit end
-    store = RunStore(path, create=False)
+    store = RunStore(path)
     assert [r["tag"] for r in store.manifest["records"]["margins"]] == ["epoch=0", "epoch=1"]
     for name in ("margins/val", "losses/val", "preds/val"):
         assert store.layout(name).shape[0] == 2 and store.is_complete(name)

@@ -42,7 +42,7 @@ def run(tmp_path, store_path, devices, batch_size):
         **kwargs,
     )
     trainer.fit(ImageClassifier(DigitsCNN(width=8), lr=0.05), dm)
-    return RunStore(store_path, create=False)
+    return RunStore(store_path)
 
 
 @pytest.mark.ddp

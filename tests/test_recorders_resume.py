@@ -40,13 +40,13 @@ def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("uninterrupted")
     done = run(root)
     assert done.returncode == 0, done.stderr[-3000:]
-    return RunStore(root / "store", create=False)
+    return RunStore(root / "store")
 
 
 def kill_and_resume(root, kill_at, phase):
     killed = run(root, "--kill-at", str(kill_at), "--kill-phase", phase)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    store = RunStore(root / "store", create=False)  # a killed store still opens
+    store = RunStore(root / "store")  # a killed store still opens
     incomplete = [n for n in store.array_names() if not store.is_complete(n)]
     resumed = run(root, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -58,7 +58,7 @@ def test_kill_during_recording_then_resume(tmp_path, reference):
     kill_at = rng.randrange(2, 3 * WRITES_PER_RECORD)
     phase = rng.choice(["before", "between", "after"])
     kill_and_resume(tmp_path, kill_at, phase)
-    assert_same_store(reference, RunStore(tmp_path / "store", create=False))
+    assert_same_store(reference, RunStore(tmp_path / "store"))
 
 
 def test_kill_after_a_lightning_checkpoint_on_an_epochs_last_step(tmp_path, reference):
@@ -67,10 +67,10 @@ def test_kill_after_a_lightning_checkpoint_on_an_epochs_last_step(tmp_path, refe
     # and the resume does not replay it: the recorders take it at the start of training.
     killed = run(tmp_path, "--lightning-every-step", "7", "--kill-at-epoch-end", "1")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert [r["tag"] for r in RunStore(tmp_path / "store", create=False).manifest["records"]["margins"]] == ["epoch=0"]
+    assert [r["tag"] for r in RunStore(tmp_path / "store").manifest["records"]["margins"]] == ["epoch=0"]
     resumed = run(tmp_path, "--lightning-every-step", "7", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    store = RunStore(tmp_path / "store", create=False)
+    store = RunStore(tmp_path / "store")
     assert store.manifest["records"] == reference.manifest["records"]  # margins' and gradients'
     assert store.checkpoints() == reference.checkpoints()
     # Lightning itself resumes from such a checkpoint with another data order (its final weights
@@ -92,7 +92,7 @@ def test_kill_after_a_lightning_checkpoint_on_an_epochs_last_step(tmp_path, refe
 def test_kill_everywhere(tmp_path, reference, phase, record):
     kill_at = record * WRITES_PER_RECORD + 1 + (7 * record + 3) % WRITES_PER_RECORD
     kill_and_resume(tmp_path, kill_at, phase)
-    assert_same_store(reference, RunStore(tmp_path / "store", create=False))
+    assert_same_store(reference, RunStore(tmp_path / "store"))
 
 
 def test_unfinished_epoch_end_reads_lightnings_loop_state():

@@ -11,6 +11,8 @@ from lightning_tda.store import (
     FingerprintMismatchError,
     RunStore,
     SchemaVersionError,
+    StoreExistsError,
+    StoreNotFoundError,
     StoreError,
     rank_blocks,
     validate_name,
@@ -18,7 +20,7 @@ from lightning_tda.store import (
 
 
 def test_row_blocks_and_completion(tmp_path):
-    store = RunStore(tmp_path / "run")
+    store = RunStore.create(tmp_path / "run")
     store.ensure_array("grads/train/a", (10, 3), "float32", block_rows=4)
     assert store.incomplete_blocks("grads/train/a") == [(0, 4), (4, 8), (8, 10)]
     store.write_block("grads/train/a", 8, np.ones((2, 3)))
@@ -32,12 +34,12 @@ def test_row_blocks_and_completion(tmp_path):
     assert [s for s, _ in blocks] == [0, 3, 6, 9]
     np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), store.read("grads/train/a"))
     # reopening sees the same
-    again = RunStore(tmp_path / "run", create=False)
+    again = RunStore(tmp_path / "run")
     assert again.is_complete("grads/train/a")
 
 
 def test_completion_is_chunk_presence(tmp_path):
-    store = RunStore(tmp_path / "run")
+    store = RunStore.create(tmp_path / "run")
     store.ensure_array("margins/val", (2, 5), "float32", row_axis=1, block_rows=2)
     store.ensure_array("preds/val", (2, 5), "int64", row_axis=1, block_rows=2)
     # values equal to the fill value (NaN, 0) still complete their block
@@ -54,7 +56,7 @@ def test_completion_is_chunk_presence(tmp_path):
 
 
 def test_older_schema_is_refused(tmp_path):
-    RunStore(tmp_path / "run")
+    RunStore.create(tmp_path / "run")
     path = tmp_path / "run" / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest["schema_version"] = SCHEMA_VERSION - 1
@@ -64,7 +66,7 @@ def test_older_schema_is_refused(tmp_path):
 
 
 def test_records_axis_grows(tmp_path):
-    store = RunStore(tmp_path / "run")
+    store = RunStore.create(tmp_path / "run")
     store.ensure_array("margins/val", (1, 5), "float32", row_axis=1, block_rows=2)
     store.write_block("margins/val", 0, np.arange(2), lead=(0,))
     store.grow("margins/val", 2)
@@ -74,7 +76,7 @@ def test_records_axis_grows(tmp_path):
 
 
 def test_background_block_writes(tmp_path):
-    store = RunStore(tmp_path / "run")
+    store = RunStore.create(tmp_path / "run")
     store.ensure_array("margins/val", (1, 5), "float32", row_axis=1, block_rows=2)
     store.ensure_array("preds/val", (1, 5), "int64", row_axis=1, block_rows=2)
     store.grow(["margins/val", "preds/val"], 3)  # several arrays at once
@@ -87,11 +89,11 @@ def test_background_block_writes(tmp_path):
     # any read waits for the background writes first
     np.testing.assert_array_equal(store.read("margins/val")[2], np.arange(5, dtype=np.float32))
     assert store.incomplete_blocks("preds/val", lead=(2,)) == [(2, 4), (4, 5)]
-    assert RunStore(tmp_path / "run", create=False).completed_blocks("margins/val", (2,)).all()
+    assert RunStore(tmp_path / "run").completed_blocks("margins/val", (2,)).all()
 
 
 def test_background_write_errors_surface(tmp_path, monkeypatch):
-    store = RunStore(tmp_path / "run")
+    store = RunStore.create(tmp_path / "run")
     store.ensure_array("x", (4,), "float32", block_rows=2)
 
     def broken(data):
@@ -106,7 +108,7 @@ def test_background_write_errors_surface(tmp_path, monkeypatch):
 
 
 def test_block_writes_must_be_whole_blocks(tmp_path):
-    store = RunStore(tmp_path / "run")
+    store = RunStore.create(tmp_path / "run")
     store.ensure_array("x", (10,), "float32", block_rows=4)
     with pytest.raises(StoreError, match="block boundary"):
         store.write_block("x", 2, np.zeros(4))
@@ -122,7 +124,7 @@ def test_rank_blocks_partition():
 
 
 def test_checkpoints_round_trip_exactly_without_unpickling(tmp_path, monkeypatch):
-    store = RunStore(tmp_path / "run")
+    store = RunStore.create(tmp_path / "run")
     tensors = {"w": torch.randn(3, 4), "b": torch.arange(5), "h": torch.randn(2).half()}
     store.save_checkpoint("epoch=1-step=10", tensors, {"epoch": 1, "global_step": 10, "learning_rates": [[0.1]]})
 
@@ -132,7 +134,7 @@ def test_checkpoints_round_trip_exactly_without_unpickling(tmp_path, monkeypatch
     monkeypatch.setattr(pickle, "loads", no_unpickling)
     monkeypatch.setattr(pickle, "load", no_unpickling)
     monkeypatch.setattr(torch, "load", no_unpickling)
-    loaded, meta = RunStore(tmp_path / "run", create=False).load_checkpoint("epoch=1-step=10")
+    loaded, meta = RunStore(tmp_path / "run").load_checkpoint("epoch=1-step=10")
     assert meta == {"epoch": 1, "global_step": 10, "learning_rates": [[0.1]]}
     for k, v in tensors.items():
         assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v)
@@ -142,7 +144,7 @@ def test_checkpoints_round_trip_exactly_without_unpickling(tmp_path, monkeypatch
 
 
 def test_newer_schema_is_refused(tmp_path):
-    RunStore(tmp_path / "run")
+    RunStore.create(tmp_path / "run")
     path = tmp_path / "run" / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest["schema_version"] = SCHEMA_VERSION + 1
@@ -153,7 +155,7 @@ def test_newer_schema_is_refused(tmp_path):
 
 
 def test_fingerprint_mismatch_names_both(tmp_path):
-    store = RunStore(tmp_path / "run")
+    store = RunStore.create(tmp_path / "run")
     store.set_fingerprint("train", {"size": 10, "labels_sha256": "aa"})
     store.set_fingerprint("train", {"size": 10, "labels_sha256": "aa"})
     with pytest.raises(FingerprintMismatchError, match="size 10.*size 11.*new store path"):
@@ -166,45 +168,45 @@ def test_unwritable_path_non_root(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     with pytest.raises(StoreError, match="writable"):
-        RunStore(locked / "run")
+        RunStore.create(locked / "run")
 
 
 def test_unwritable_path(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(StoreError, match="writable directory"):
-        RunStore(blocker / "run")
+        RunStore.create(blocker / "run")
 
 
 def test_missing_store_and_names():
-    with pytest.raises(StoreError, match="record one first"):
-        RunStore("memory://nothing/here", create=False)
+    with pytest.raises(StoreError, match="no RunStore at memory://nothing/here.*RunStore.create"):
+        RunStore("memory://nothing/here")
     for bad in ["../x", "a/b", "", ".hidden", "a\\b"]:
         with pytest.raises(ValueError, match="no path separators"):
             validate_name(bad)
 
 
 def test_fsspec_url_store():
-    store = RunStore("memory://lightning-tda-test/run")
+    store = RunStore.create("memory://lightning-tda-test/run")
     store.ensure_array("preds/val", (1, 3), "int64", row_axis=1, block_rows=2)
     store.write_block("preds/val", 0, np.array([4, 5]), lead=(0,))
     store.save_checkpoint("t", {"w": torch.ones(2)})
-    again = RunStore("memory://lightning-tda-test/run", create=False)
+    again = RunStore("memory://lightning-tda-test/run")
     assert again.read("preds/val")[0, :2].tolist() == [4, 5]
     assert torch.equal(again.load_checkpoint("t")[0]["w"], torch.ones(2))
     assert "preds/val" in again.summary()
 
 
 def test_background_checkpoint_save(tmp_path):
-    store = RunStore(tmp_path / "run")
+    store = RunStore.create(tmp_path / "run")
     weights = {"w": torch.arange(6.0).reshape(2, 3)}
     store.save_checkpoint("epoch=0-step=5", weights, {"global_step": 5}, wait=False)
     weights["w"].zero_()  # training goes on: the store saved a copy taken at the call
-    other = RunStore(tmp_path / "run", create=False)  # another instance on the same path
+    other = RunStore(tmp_path / "run")  # another instance on the same path
     other.update_manifest(lambda m: m.__setitem__("run_name", "concurrent"))
     tensors, meta = store.load_checkpoint("epoch=0-step=5")  # waits for the background save
     assert torch.equal(tensors["w"], torch.arange(6.0).reshape(2, 3)) and meta == {"global_step": 5}
-    manifest = RunStore(tmp_path / "run", create=False).manifest
+    manifest = RunStore(tmp_path / "run").manifest
     assert manifest["run_name"] == "concurrent" and "epoch=0-step=5" in manifest["checkpoints"]
 
 
@@ -213,7 +215,7 @@ def test_durable_store_syncs_manifest_and_checkpoints(tmp_path, monkeypatch, dur
     synced = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
-    store = RunStore(tmp_path / "run", durable=durable)
+    store = RunStore.create(tmp_path / "run", durable=durable)
     store.save_checkpoint("t", {"w": torch.ones(2)})
     # the first manifest, the checkpoint file and the manifest listing it; nothing when not durable
     assert len(synced) == (3 if durable else 0)
@@ -221,14 +223,44 @@ def test_durable_store_syncs_manifest_and_checkpoints(tmp_path, monkeypatch, dur
 
 
 def test_checkpoint_listing_can_wait_for_flush(tmp_path):
-    store = RunStore(tmp_path / "run")
+    store = RunStore.create(tmp_path / "run")
     store.save_checkpoint("epoch=1-step=8", {"w": torch.ones(2)}, {"global_step": 8}, list_now=False)
     store.save_checkpoint("epoch=0-step=4", {"w": torch.zeros(2)}, {"global_step": 4}, list_now=False)
     assert store.manifest["checkpoints"] == {}  # the files are complete, the listing waits
-    other = RunStore(tmp_path / "run", create=False)  # another process finds the files
+    other = RunStore(tmp_path / "run")  # another process finds the files
     assert other.checkpoint_tags() == ["epoch=0-step=4", "epoch=1-step=8"]
     assert other.checkpoints()["epoch=1-step=8"] == {"global_step": 8}
     store.flush()  # one manifest write for both
     assert store.manifest["checkpoints"] == {"epoch=0-step=4": {"global_step": 4}, "epoch=1-step=8": {"global_step": 8}}
     (tmp_path / "run" / "checkpoints" / "epoch=2-step=9.safetensors.123.4.partial").write_bytes(b"torn")
     assert other.checkpoint_tags() == ["epoch=0-step=4", "epoch=1-step=8"]  # a torn temporary file is no checkpoint
+
+
+def test_open_never_creates(tmp_path):
+    with pytest.raises(StoreNotFoundError, match=r"no RunStore at .*typo.*RunStore.create"):
+        RunStore(tmp_path / "typo")
+    assert not (tmp_path / "typo").exists()  # no stray directory left behind
+
+
+def test_create_refuses_a_foreign_directory_and_an_existing_store(tmp_path):
+    logs = tmp_path / "lightning_logs" / "version_0"
+    logs.mkdir(parents=True)
+    (logs / "hparams.yaml").write_text("lr: 0.1\n")
+    with pytest.raises(StoreError, match=r"not empty and is not a RunStore.*hparams.yaml"):
+        RunStore.create(logs)
+    assert sorted(p.name for p in logs.iterdir()) == ["hparams.yaml"]  # nothing written into it
+    RunStore.create(tmp_path / "run", run_name="a")
+    with pytest.raises(StoreExistsError, match="already exists.*exist_ok=True"):
+        RunStore.create(tmp_path / "run")
+    assert RunStore.create(tmp_path / "run", exist_ok=True).manifest["run_name"] == "a"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert RunStore.create(empty).manifest["records"] == {}  # an empty directory is fine
+
+
+def test_damaged_manifest_names_the_file(tmp_path):
+    RunStore.create(tmp_path / "run")
+    path = tmp_path / "run" / "manifest.json"
+    path.write_text(path.read_text()[:20])
+    with pytest.raises(StoreError, match=r"manifest.json is damaged.*not valid JSON"):
+        RunStore(tmp_path / "run")

@@ -55,10 +55,10 @@ def test_killed_sweep_resumes_to_the_same_store(tmp_path, reference):
     killed = run(store, "--kill-after-blocks", 2)
     killed.wait(timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr.read()[-2000:]
-    assert sweep_progress(RunStore(store, create=False)) == (8, 12)
+    assert sweep_progress(RunStore(store)) == (8, 12)
     resumed = run(store)
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-2000:]
-    assert_same(reference, RunStore(store, create=False))
+    assert_same(reference, RunStore(store))
 
 
 def test_two_shards_in_two_processes_equal_one_process(tmp_path, reference):
@@ -66,7 +66,7 @@ def test_two_shards_in_two_processes_equal_one_process(tmp_path, reference):
     shards = [run(store, "--shard", i, "--num-shards", 2) for i in range(2)]
     for p in shards:
         assert p.wait(timeout=600) == 0, p.stderr.read()[-2000:]
-    assert_same(reference, RunStore(store, create=False))
+    assert_same(reference, RunStore(store))
 
 
 def test_bad_input(tmp_path):

@@ -10,6 +10,7 @@ import torch
 from matplotlib.figure import Figure
 
 from lightning_tda.attribution.features import load_features, select_tags
+from lightning_tda.images import to_uint8_image
 from lightning_tda.store import RunStore
 
 
@@ -72,8 +73,6 @@ def example_grid(
 ) -> Figure:
     """A figure with one row per test example: the test image, its ``k`` most helpful and its
     ``k`` most harmful training images, titled with scores (and labels when given)."""
-    from lightning_tda.reporting import to_uint8_image
-
     rows = len(test_indices)
     fig = Figure(figsize=(1.3 * (2 * k + 1), 1.5 * rows))
     axes = fig.subplots(rows, 2 * k + 1, squeeze=False)

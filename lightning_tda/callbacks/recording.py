@@ -71,9 +71,9 @@ def open_store(store: RunStore | str, trainer: L.Trainer) -> RunStore:
     if isinstance(store, RunStore):
         return store
     if trainer.is_global_zero:
-        RunStore(store)
+        RunStore.create(store, exist_ok=True)
     trainer.strategy.barrier("lightning_tda.open_store")
-    return RunStore(store, create=False)
+    return RunStore(store)
 
 
 def find_datasets(
