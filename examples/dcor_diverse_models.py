@@ -13,23 +13,33 @@ softmax probabilities).
 
     python examples/dcor_diverse_models.py                # ~1 minute on a laptop CPU
     python examples/dcor_diverse_models.py --quick        # seconds (what the test runs)
-    python examples/dcor_diverse_models.py --weight 0.5 --out results.json
+    python examples/dcor_diverse_models.py --weight 0.5 --seed 1 --out results.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
+from lightning_tda.arguments import non_negative_float, positive_float, positive_int
 from lightning_tda.data import DigitsDataModule
 from lightning_tda.dcor_metric import DistanceCorrelation
 from lightning_tda.dcor_penalty import DistanceCorrelationPenalty
 from lightning_tda.models import DigitsCNN, ImageClassifier
+
+def new_directory_parent(text: str) -> str:
+    """An output file whose directory exists."""
+    parent = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"the directory of {text} does not exist")
+    return text
+
 
 LAYER = "model.relu"  # the 64-d penultimate features of DigitsCNN (after fc1 and its ReLU)
 
@@ -62,20 +72,23 @@ def features_and_probs(model: nn.Module, loader, layer: str = LAYER) -> tuple[to
     return torch.cat(feats), probs
 
 
-def run(epochs: int = 8, weight: float = 0.05, lr: float = 0.05, n_train: int | None = None) -> dict[str, Any]:
+def run(
+    epochs: int = 8, weight: float = 0.05, lr: float = 0.05, n_train: int | None = None, seed: int = 0
+) -> dict[str, Any]:
+    """Train A (seed ``seed``), then B with the penalty and C without (both seed ``seed + 1``)."""
     datamodule = DigitsDataModule(batch_size=64, n_train=n_train)
     datamodule.setup()
     labels = torch.cat([y for _, y in datamodule.val_dataloader()])
 
-    model_a = make_model(0, lr)
-    train(model_a, datamodule, epochs, seed=0)
+    model_a = make_model(seed, lr)
+    train(model_a, datamodule, epochs, seed=seed)
 
-    model_b = make_model(1, lr)
+    model_b = make_model(seed + 1, lr)
     wrapped = DistanceCorrelationPenalty.diverse_from(model_b, earlier=model_a, layer=LAYER, weight=weight)
-    train(wrapped, datamodule, epochs, seed=1)
+    train(wrapped, datamodule, epochs, seed=seed + 1)
 
-    model_c = make_model(1, lr)
-    train(model_c, datamodule, epochs, seed=1)
+    model_c = make_model(seed + 1, lr)
+    train(model_c, datamodule, epochs, seed=seed + 1)
 
     val = datamodule.val_dataloader()
     out = {name: features_and_probs(m, val) for name, m in (("A", model_a), ("B", model_b), ("C", model_c))}
@@ -91,6 +104,7 @@ def run(epochs: int = 8, weight: float = 0.05, lr: float = 0.05, n_train: int | 
     return {
         "epochs": epochs,
         "weight": weight,
+        "seed": seed,
         "n_val": int(labels.numel()),
         "accuracy": {name: accuracy(probs) for name, (_, probs) in out.items()},
         "dcor": {"A,B (penalty)": dcor("A", "B"), "A,C (no penalty)": dcor("A", "C")},
@@ -112,7 +126,7 @@ def report(result: dict[str, Any]) -> str:
         f"| ensemble accuracy A + second | {ens['A+B (penalty)']:.4f} | {ens['A+C (independent)']:.4f} |",
     ]
     head = (
-        f"digits, {result['epochs']} epochs, penalty weight {result['weight']}, "
+        f"digits, {result['epochs']} epochs, penalty weight {result['weight']}, seed {result['seed']}, "
         f"{result['n_val']} validation examples"
     )
     return head + "\n\n" + "\n".join(rows)
@@ -120,14 +134,15 @@ def report(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--weight", type=float, default=0.05, help="penalty weight (seed: 0.05)")
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--quick", action="store_true", help="2 epochs on 320 training examples")
-    parser.add_argument("--out", help="write the figures as JSON here")
+    parser.add_argument("--epochs", type=positive_int, default=8, help="training epochs per model (>= 1)")
+    parser.add_argument("--weight", type=non_negative_float, default=0.05, help="penalty weight (seed: 0.05)")
+    parser.add_argument("--lr", type=positive_float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0, help="A trains with this seed, B and C with seed + 1")
+    parser.add_argument("--quick", "--fast", action="store_true", help="2 epochs on 320 training examples")
+    parser.add_argument("--out", type=new_directory_parent, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     epochs, n_train = (2, 320) if args.quick else (args.epochs, None)
-    result = run(epochs=epochs, weight=args.weight, lr=args.lr, n_train=n_train)
+    result = run(epochs=epochs, weight=args.weight, lr=args.lr, n_train=n_train, seed=args.seed)
     print(report(result))
     if args.out:
         with open(args.out, "w") as f:

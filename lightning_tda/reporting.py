@@ -36,6 +36,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor
 
+from lightning_tda.html_report import HtmlReport
 from lightning_tda.images import ImageLike, to_uint8_image
 from lightning_tda.store import validate_name
 
@@ -65,6 +66,7 @@ class Reporter:
         run_dir: directory of the files (created on first write).
         logger: a Lightning ``Logger``, a list of them, or None (files only).
         dpi: resolution of the figure PNG files.
+        html_title: title of the HTML page (:meth:`write_html`) that collects everything logged.
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class Reporter:
         run_dir: str | os.PathLike,
         logger: Logger | Iterable[Logger] | None = None,
         dpi: int = 120,
+        html_title: str | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         if logger is None:
@@ -85,6 +88,7 @@ class Reporter:
             raise TypeError(f"logger must be a Lightning Logger, a list of them, or None; got {bad}")
         self.loggers = loggers
         self.dpi = dpi
+        self.html = HtmlReport(html_title or "lightning-tda report")
 
     @classmethod
     def from_trainer(cls, trainer: "pl.Trainer", subdir: str = "reports", **kwargs: Any) -> "Reporter":
@@ -123,6 +127,7 @@ class Reporter:
         """
         path = self._path("figures", name, ".png")
         fig.savefig(path, dpi=self.dpi, bbox_inches="tight")
+        self.html.add_figure(name, path.read_bytes())
         if self.wandb_loggers:
             import wandb
 
@@ -186,6 +191,11 @@ class Reporter:
             writer.writerow(columns + list(images))
             for row, row_cells in zip(rows, cells):
                 writer.writerow(["" if v is None else v for v in row + row_cells])
+        pngs = {
+            column: [None if cells[i][k] is None else (csv_path.parent / cells[i][k]).read_bytes() for i in range(len(rows))]
+            for k, column in enumerate(images)
+        }
+        self.html.add_table(name, columns, rows, pngs)
         if self.wandb_loggers:
             import wandb
 
@@ -246,6 +256,7 @@ class Reporter:
                     ax.set_title(str(captions[k]), fontsize=8)
         path = self._path("figures", name, ".png")
         fig.savefig(path, dpi=self.dpi, bbox_inches="tight")
+        self.html.add_figure(name, path.read_bytes())
         if self.wandb_loggers:
             import wandb
 
@@ -277,5 +288,21 @@ class Reporter:
                 writer.writerow(["step", "name", "value"])
             for key, value in values.items():
                 writer.writerow(["" if step is None else step, key, value])
+        self.html.add_metrics(values, step)
         for lg in self.loggers:
             lg.log_metrics(values, step)
+
+    @rank_zero_only
+    def section(self, title: str, note: str | None = None) -> None:
+        """Start a section of the HTML page: what is logged next is grouped under ``title``."""
+        self.html.section(title, note)
+
+    @rank_zero_only
+    def note(self, text: str) -> None:
+        """A paragraph of text in the HTML page's current section."""
+        self.html.add_note(text)
+
+    @rank_zero_only
+    def write_html(self, name: str = "report") -> Path:
+        """Write everything logged so far as one self-contained page, ``<run_dir>/<name>.html``."""
+        return self.html.write(self.run_dir / f"{validate_name(name)}.html")

@@ -28,6 +28,7 @@ import math
 import os
 import re
 import threading
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,41 @@ def rank_blocks(n_blocks: int, rank: int, world_size: int) -> range:
     lo = (n_blocks * rank) // world_size
     hi = (n_blocks * (rank + 1)) // world_size
     return range(lo, hi)
+
+
+def _damaged_checkpoint(path: str, err: BaseException) -> StoreError:
+    return StoreError(
+        f"checkpoint file {path} cannot be read ({type(err).__name__}: {err}); it is damaged or not a "
+        "safetensors file. Delete it and resume the run to save it again, or use another checkpoint"
+    )
+
+
+def new_run_id() -> str:
+    """A fresh run id (a store belongs to one training run; recorders keep its id)."""
+    return uuid.uuid4().hex
+
+
+def _manifest_problem(manifest: Mapping[str, Any]) -> str | None:
+    """What is wrong with a manifest's structure, or None (checked on every open)."""
+    kinds = {"fingerprints": dict, "records": dict, "checkpoints": dict}
+    for key, kind in kinds.items():
+        if not isinstance(manifest.get(key), kind):
+            return f"field {key!r} should be a JSON object, found {type(manifest.get(key)).__name__}"
+    for split, fp in manifest["fingerprints"].items():
+        if not isinstance(fp, dict) or not isinstance(fp.get("size"), int):
+            return f"fingerprint of split {split!r} should be an object with an integer 'size'"
+    for key, records in manifest["records"].items():
+        if not isinstance(records, list):
+            return f"records[{key!r}] should be a list, found {type(records).__name__}"
+        for i, record in enumerate(records):
+            if not isinstance(record, dict) or not isinstance(record.get("tag"), str) or not isinstance(
+                record.get("global_step"), int
+            ):
+                return f"records[{key!r}][{i}] should be an object with a string 'tag' and an integer 'global_step'"
+    for tag, meta in manifest["checkpoints"].items():
+        if not isinstance(meta, dict):
+            return f"checkpoints[{tag!r}] should be an object, found {type(meta).__name__}"
+    return None
 
 
 class RunStore:
@@ -267,6 +303,7 @@ class RunStore:
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "library_version": __version__,
+            "run_id": new_run_id(),
             "run_name": validate_name(run_name, "run name") if run_name else None,
             "algorithm": algorithm,
             "seed": seed,
@@ -278,11 +315,11 @@ class RunStore:
         }
         self._write_manifest(manifest, replace=False)
 
-    @staticmethod
-    def _check_schema(manifest: Mapping[str, Any]) -> None:
+    def _check_schema(self, manifest: Mapping[str, Any]) -> None:
+        where = self._join("manifest.json")
         version = manifest.get("schema_version")
         if not isinstance(version, int):
-            raise StoreError("manifest.json has no integer schema_version; this is not a RunStore")
+            raise StoreError(f"{where} has no integer schema_version; this is not a RunStore")
         if version > SCHEMA_VERSION:
             raise SchemaVersionError(
                 f"store written with schema version {version}, newer than this lightning-tda "
@@ -293,6 +330,12 @@ class RunStore:
                 f"store written with schema version {version} by an earlier lightning-tda, whose "
                 f"completion masks this version ({SCHEMA_VERSION}) does not read; record the run "
                 "again into a new store path"
+            )
+        problem = _manifest_problem(manifest)
+        if problem:
+            raise StoreError(
+                f"{where} is damaged or was edited by hand: {problem}. Restore it from a backup, or "
+                "record the run again into a new store path"
             )
 
     @property
@@ -394,6 +437,8 @@ class RunStore:
     def has_array(self, name: str) -> bool:
         if name in self._handles:
             return True
+        if not self._has_group():
+            return False
         try:
             return isinstance(self._group.get(name), zarr.Array)
         except (KeyError, ValueError):
@@ -411,8 +456,13 @@ class RunStore:
                 else:
                     walk(member, full + "/")
 
-        walk(self._group, "")
+        if self._has_group():
+            walk(self._group, "")
         return sorted(names)
+
+    def _has_group(self) -> bool:
+        """Whether the arrays group exists (readers never create it; a first array does)."""
+        return self._group_handle is not None or bool(self._fs.exists(self._join("arrays", "zarr.json")))
 
     def refresh(self) -> None:
         """Forget cached array handles, so shapes grown by another process are seen.
@@ -434,7 +484,9 @@ class RunStore:
             arr = zarr.open_array(self._zarr_url(), path=name, mode="r+").with_config(_ARRAY_CONFIG)
         except (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError, zarr.errors.ArrayNotFoundError) as err:  # type: ignore[attr-defined]
             raise StoreError(
-                f"the RunStore at {self.path} has no array {name!r}; it has {self.array_names()}"
+                f"the RunStore at {self.path} has no array {name!r} (no {self._join('arrays', *name.split('/'))}); "
+                f"it has {self.array_names()}. If the manifest lists it, the array was deleted: resume "
+                "the recording run to write it again, or record into a new store"
             ) from err
         self._handles[name] = arr
         return arr
@@ -637,7 +689,33 @@ class RunStore:
         self.flush()
         layout = self.layout(name)
         index = tuple(lead) + (slice(None),) * (layout.row_axis - len(lead)) + (rows or slice(None),)
-        return np.asarray(self._array(name)[index])
+        try:
+            return np.asarray(self._array(name)[index])
+        except (ValueError, TypeError, OSError) as err:
+            bad = self._damaged_chunks(name)
+            if not bad:
+                raise
+            raise StoreError(
+                f"array {name!r} of the RunStore at {self.path} has damaged chunk files ({', '.join(bad[:5])}): "
+                "their size is not a whole block. Delete them and resume the recording run to write "
+                "those blocks again (they count as incomplete once deleted)"
+            ) from err
+
+    def _damaged_chunks(self, name: str) -> list[str]:
+        """Chunk files of ``name`` whose size is not that of a whole uncompressed block."""
+        arr = self._array(name)
+        if arr.metadata.codecs and any(type(c).__name__ not in ("BytesCodec",) for c in arr.metadata.codecs):
+            return []  # compressed chunks vary in size
+        expected = int(np.prod(arr.chunks)) * np.dtype(arr.dtype).itemsize
+        folder = self._join("arrays", *name.split("/"))
+        bad = []
+        for key in sorted(self._chunk_keys(arr)):
+            if key == "zarr.json":
+                continue
+            path = f"{folder}/{key}"
+            if self._fs.size(path) != expected:
+                bad.append(path)
+        return bad
 
     def iter_row_blocks(self, name: str, block_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start, rows)`` blocks along the row axis so arrays larger than memory stream."""
@@ -694,7 +772,10 @@ class RunStore:
             )
         with self._fs.open(path, "rb") as f:
             blob = f.read()
-        return load_safetensors(blob), _header_metadata(blob)
+        try:
+            return load_safetensors(blob), _header_metadata(blob)
+        except Exception as err:  # safetensors raises its own error types for torn or foreign files
+            raise _damaged_checkpoint(path, err) from err
 
     def checkpoints(self, *, list_found: bool = False) -> dict[str, dict[str, Any]]:
         """Every saved checkpoint, ``{tag: metadata}``: the manifest's, and any complete file the
@@ -709,7 +790,10 @@ class RunStore:
             if tag not in listed:
                 with self._fs.open(path, "rb") as f:
                     head = f.read(8)
-                    found[tag] = _header_metadata(head + f.read(int.from_bytes(head, "little")))
+                    try:
+                        found[tag] = _header_metadata(head + f.read(int.from_bytes(head, "little")))
+                    except (ValueError, UnicodeDecodeError, OverflowError, MemoryError) as err:
+                        raise _damaged_checkpoint(str(path), err) from err
         if found and list_found:
             self.update_manifest(lambda m: m["checkpoints"].update(found))
         return {**listed, **found}
@@ -718,6 +802,54 @@ class RunStore:
         """Checkpoint tags in the order they were recorded (by global step)."""
         ckpts = self.checkpoints()
         return sorted(ckpts, key=lambda t: (ckpts[t].get("global_step", 0), t))
+
+    # ------------------------------------------------------------------ run identity
+    @property
+    def run_id(self) -> str | None:
+        """The id of the training run this store belongs to (None for stores made before run ids)."""
+        return self.manifest.get("run_id")
+
+    def holds_records(self) -> bool:
+        """Whether anything of a run is in the store: records, checkpoints, a sweep or arrays."""
+        manifest = self.manifest
+        if any(manifest["records"].values()) or manifest["checkpoints"] or manifest.get("sweep"):
+            return True
+        suffix = ".safetensors"
+        return bool(self._fs.glob(self._join("checkpoints", f"*{suffix}"))) or bool(self.array_names())
+
+    def describe_records(self) -> str:
+        """One line on what the store holds, for errors about it."""
+        manifest = self.manifest
+        counts = [f"{len(v)} {k} records" for k, v in sorted(manifest["records"].items()) if v]
+        n_ckpt = len(self.checkpoints())
+        if n_ckpt:
+            counts.append(f"{n_ckpt} checkpoints")
+        if manifest.get("sweep"):
+            counts.append("a subset sweep")
+        what = ", ".join(counts) or f"arrays {self.array_names()[:4]}"
+        return f"run id {manifest.get('run_id')}, {what}"
+
+    def clear_records(self) -> str:
+        """Delete every record, checkpoint, sweep and array, and give the store a new run id;
+        returns what was cleared. Files go first and the manifest last, so a crash midway leaves a
+        manifest whose arrays are gone (a clear error on reading; clearing again finishes it),
+        never stale blocks that would count as complete."""
+        self.flush()
+        cleared = self.describe_records()
+        for folder in ("arrays", "checkpoints"):
+            path = self._join(folder)
+            if self._fs.exists(path):
+                self._fs.rm(path, recursive=True)
+        self._fs.makedirs(self._join("checkpoints"), exist_ok=True)
+        self._group_handle = None
+        self._handles.clear()
+
+        def reset(manifest: dict[str, Any]) -> None:
+            manifest.update(run_id=new_run_id(), fingerprints={}, model=None, projection=None, records={}, checkpoints={})
+            manifest.pop("sweep", None)
+
+        self.update_manifest(reset)
+        return cleared
 
     # ------------------------------------------------------------------ summary
     def summary(self) -> str:

@@ -16,6 +16,7 @@ training only blocks that are not complete, and the result equals one uninterrup
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from lightning_tda.data import dataset_fingerprint
 from lightning_tda.ensemble import EnsembleModule, indexed_loader, random_subset_masks
 from lightning_tda.ensemble.data import mix_seed
-from lightning_tda.store import RunStore, join_name, validate_name
+from lightning_tda.store import RunStore, StoreError, join_name, validate_name
 
 SWEEP_KEY = "sweep"
 
@@ -49,6 +50,8 @@ class SubsetSweep:
         output_fn: recorded output ("margin", "loss", "correct_class_probability").
         shard_index, num_shards: this process trains blocks ``b`` with ``b % num_shards == shard_index``.
         trainer_kwargs: extra ``lightning.Trainer`` arguments (accelerator, precision, ...).
+        overwrite: clear a store that holds another sweep or a training run's records (else
+            refused); never while other shards of this sweep run.
     """
 
     store: RunStore | str
@@ -70,6 +73,7 @@ class SubsetSweep:
     num_shards: int = 1
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_models, int) or self.num_models < 1:
@@ -115,11 +119,22 @@ class SubsetSweep:
         store = self.store
         assert isinstance(store, RunStore)
         recorded = store.manifest.get(SWEEP_KEY)
+        # A sweep's identity is its settings: shards of one sweep share the store, anything else
+        # is refused (or cleared with overwrite=True, which must not run beside other shards).
+        other = None
         if recorded is not None and recorded != self.config():
-            raise ValueError(
-                f"the store at {store.path} holds another sweep ({recorded}); use a new store "
-                "for a sweep with different settings"
-            )
+            changed = sorted(k for k in set(recorded) | set(self.config()) if recorded.get(k) != self.config().get(k))
+            other = f"another sweep (settings differ in {changed})"
+        elif recorded is None and store.holds_records():
+            other = f"records of a training run ({store.describe_records()})"
+        if other is not None:
+            if not self.overwrite:
+                raise StoreError(
+                    f"the store at {store.path} holds {other}; use a new store path for this sweep, "
+                    "or overwrite=True to clear it first (never while other shards of it run)"
+                )
+            warnings.warn(f"SubsetSweep: overwrite=True cleared {store.path} ({store.clear_records()})")
+            recorded = None
         store.set_fingerprint("train", dataset_fingerprint(self.train_dataset))
         for split, ds in self.eval_datasets.items():
             store.set_fingerprint(split, dataset_fingerprint(ds))

@@ -69,6 +69,11 @@ def main() -> None:
     L.seed_everything(0, verbose=False)
     store = args.root / "store"
     last = args.root / "ckpts" / "last.ckpt"
+    ckpt = str(last) if args.resume and last.exists() else None
+    # killed before Lightning saved a checkpoint: nothing to resume, so the rerun starts the run
+    # afresh and clears what the killed one recorded (a fresh fit into a store with records is
+    # otherwise refused)
+    overwrite = args.resume and ckpt is None
     trainer = L.Trainer(
         max_epochs=args.epochs,
         accelerator="cpu",
@@ -80,15 +85,14 @@ def main() -> None:
         default_root_dir=str(args.root),
         callbacks=[
             *([KillAtEpochEnd(args.kill_at_epoch_end)] if args.kill_at_epoch_end is not None else []),
-            MarginRecorder(store, block_rows=40, batch_size=20, embeddings="model.fc1"),
-            GradientRecorder(store, proj_dim=32, every_n_epochs=1, block_rows=40, batch_size=20),
-            CheckpointRecorder(store),
+            MarginRecorder(store, block_rows=40, batch_size=20, embeddings="model.fc1", overwrite=overwrite),
+            GradientRecorder(store, proj_dim=32, every_n_epochs=1, block_rows=40, batch_size=20, overwrite=overwrite),
+            CheckpointRecorder(store, overwrite=overwrite),
             ModelCheckpoint(
                 dirpath=args.root / "ckpts", save_last=True, save_top_k=0, every_n_train_steps=args.lightning_every_step
             ),
         ],
     )
-    ckpt = str(last) if args.resume and last.exists() else None
     trainer.fit(ImageClassifier(DigitsCNN(width=8), lr=0.05), DigitsDataModule(batch_size=32, n_train=200), ckpt_path=ckpt)
 
 

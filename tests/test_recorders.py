@@ -3,6 +3,7 @@
 import json
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 import numpy as np
 import pytest
 import torch
@@ -21,11 +22,14 @@ def small_dm(**kw):
     return DigitsDataModule(batch_size=32, n_train=256, **kw)
 
 
-def fit(tmp_path, callbacks, epochs=2, model=None, dm=None, seed=0):
+def fit(tmp_path, callbacks, epochs=2, model=None, dm=None, seed=0, ckpt_path=None):
     L.seed_everything(seed, verbose=False)
     model = model or ImageClassifier(DigitsCNN(width=8), lr=0.05)
-    trainer = L.Trainer(max_epochs=epochs, callbacks=callbacks, **trainer_kwargs(tmp_path))
-    trainer.fit(model, dm or small_dm())
+    checkpointing = any(isinstance(cb, ModelCheckpoint) for cb in callbacks)
+    trainer = L.Trainer(
+        max_epochs=epochs, callbacks=callbacks, **trainer_kwargs(tmp_path, enable_checkpointing=checkpointing)
+    )
+    trainer.fit(model, dm or small_dm(), ckpt_path=ckpt_path)
     return model
 
 
@@ -93,7 +97,8 @@ def test_schedules(tmp_path):
 
 def test_checkpoints_a_killed_run_saved_but_did_not_list(tmp_path):
     store_path = tmp_path / "s"
-    fit(tmp_path, [CheckpointRecorder(store_path, on_fit_end=False)], epochs=2)
+    lightning_ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True, save_top_k=0)
+    fit(tmp_path, [CheckpointRecorder(store_path, on_fit_end=False), lightning_ckpt], epochs=2)
     store = RunStore(store_path)
     listed = store.manifest["checkpoints"]
     assert sorted(listed) == ["epoch=0-step=8", "epoch=1-step=16"]
@@ -101,9 +106,50 @@ def test_checkpoints_a_killed_run_saved_but_did_not_list(tmp_path):
     store.update_manifest(lambda m: m["checkpoints"].clear())
     assert store.checkpoints() == listed and store.checkpoint_tags() == ["epoch=0-step=8", "epoch=1-step=16"]
     files = {p.name: p.stat().st_mtime_ns for p in (store_path / "checkpoints").iterdir()}
-    fit(tmp_path, [CheckpointRecorder(store_path, on_fit_end=False)], epochs=2)  # the same run again
-    assert RunStore(store_path).manifest["checkpoints"] == listed  # listed at setup
-    assert {p.name: p.stat().st_mtime_ns for p in (store_path / "checkpoints").iterdir()} == files  # not rewritten
+    # the run resumed from its last Lightning checkpoint (one more epoch)
+    fit(tmp_path, [CheckpointRecorder(store_path, on_fit_end=False)], epochs=3, ckpt_path=tmp_path / "ckpts" / "last.ckpt")
+    manifest = RunStore(store_path).manifest["checkpoints"]
+    assert {k: manifest[k] for k in listed} == listed  # listed at the resume's start
+    assert sorted(manifest) == ["epoch=0-step=8", "epoch=1-step=16", "epoch=2-step=24"]
+    after = {p.name: p.stat().st_mtime_ns for p in (store_path / "checkpoints").iterdir()}
+    assert {k: after[k] for k in files} == files  # not rewritten
+
+
+def test_a_fresh_run_into_a_store_of_another_run_is_refused(tmp_path):
+    store_path = tmp_path / "s"
+    fit(tmp_path, [MarginRecorder(store_path, splits=("val",)), CheckpointRecorder(store_path)], epochs=1, seed=0)
+    before = snapshot(RunStore(store_path))
+    files = {p: p.read_bytes() for p in store_path.rglob("*") if p.is_file()}
+    recorders = [MarginRecorder(store_path, splits=("val",)), CheckpointRecorder(store_path)]
+    with pytest.raises(StoreError, match=r"already holds another training run .*run id .*new store path.*overwrite=True"):
+        fit(tmp_path, recorders, epochs=1, seed=1, model=ImageClassifier(DigitsCNN(width=8), lr=0.1))
+    assert {p: p.read_bytes() for p in store_path.rglob("*") if p.is_file()} == files  # byte for byte
+    # overwrite=True on one recorder of the store: the old records are cleared, with a warning
+    with pytest.warns(UserWarning, match="overwrite=True cleared the old records"):
+        fit(tmp_path, [MarginRecorder(store_path, splits=("val",)), CheckpointRecorder(store_path, overwrite=True)],
+            epochs=1, seed=1, model=ImageClassifier(DigitsCNN(width=8), lr=0.1))
+    after = RunStore(store_path)
+    assert after.run_id != before["manifest"]["run_id"]
+    assert [r["tag"] for r in after.manifest["records"]["margins"]] == ["epoch=0"]
+    assert not np.array_equal(after.read("margins/val"), before["arrays"]["margins/val"])
+
+
+def test_a_resume_must_find_its_own_run(tmp_path):
+    store_path, other = tmp_path / "s", tmp_path / "other"
+    lightning_ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True, save_top_k=0)
+    fit(tmp_path, [MarginRecorder(store_path, splits=("val",)), lightning_ckpt], epochs=1)
+    run_id = RunStore(store_path).run_id
+    last = tmp_path / "ckpts" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["callbacks"]  # the recorder's state holds the run id
+    fit(tmp_path, [MarginRecorder(store_path, splits=("val",))], epochs=2, ckpt_path=last)  # goes on
+    store = RunStore(store_path)
+    assert store.run_id == run_id and [r["tag"] for r in store.manifest["records"]["margins"]] == ["epoch=0", "epoch=1"]
+    # the store was cleared and reused by another run meanwhile: the resume is refused
+    fit(tmp_path, [MarginRecorder(other, splits=("val",))], epochs=1)
+    store.clear_records()
+    fit(tmp_path, [MarginRecorder(store_path, splits=("val",))], epochs=1)
+    with pytest.raises(StoreError, match="resumes a run that recorded into .* as run " + run_id):
+        fit(tmp_path, [MarginRecorder(store_path, splits=("val",))], epochs=2, ckpt_path=last)
 
 
 # ------------------------------------------------------------------------------- bad input
@@ -151,9 +197,9 @@ def test_labels_out_of_range(tmp_path, recorded_store):
     rec = MarginRecorder(tmp_path / "s", splits=("bad",), datasets={"bad": bad})
     with pytest.raises(ValueError, match=r"labels out of range \[0, 10\).*values \[12\]"):
         fit(tmp_path, [rec], epochs=1)
-    # the same failure against a store holding a good run leaves that run as it was
+    # a store holding a good run is refused before anything is recorded, and left as it was
     rec = MarginRecorder(recorded_store, splits=("val", "bad"), datasets={"bad": bad})
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(StoreError, match="already holds another training run"):
         fit(tmp_path, [rec], epochs=1)
     after = snapshot(RunStore(recorded_store))
     np.testing.assert_array_equal(before["arrays"]["margins/val"][0], after["arrays"]["margins/val"][0])

@@ -11,7 +11,7 @@ import pytest
 from lightning_tda.data import DigitsDataModule
 from lightning_tda.ensemble import random_subset_masks
 from lightning_tda.models import MLP
-from lightning_tda.store import RunStore
+from lightning_tda.store import RunStore, StoreError
 from lightning_tda.sweep import SubsetSweep, read_sweep, sweep_progress
 
 SCRIPT = Path(__file__).with_name("sweep_run.py")
@@ -83,5 +83,8 @@ def test_bad_input(tmp_path):
         SubsetSweep(tmp_path / "c", shard_index=2, num_shards=2, **common)
     sweep = SubsetSweep(tmp_path / "d", num_models=4, epochs=1, **common)
     sweep.prepare()
-    with pytest.raises(ValueError, match="holds another sweep"):
+    with pytest.raises(StoreError, match=r"holds another sweep \(settings differ in \['num_models'\]\).*overwrite=True"):
         SubsetSweep(tmp_path / "d", num_models=8, epochs=1, **common).prepare()
+    with pytest.warns(UserWarning, match="overwrite=True cleared"):
+        SubsetSweep(tmp_path / "d", num_models=8, epochs=1, overwrite=True, **common).prepare()
+    assert RunStore(tmp_path / "d").manifest["sweep"]["num_models"] == 8

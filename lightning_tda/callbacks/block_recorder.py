@@ -30,8 +30,6 @@ from lightning_tda.callbacks.recording import (
     find_datasets,
     isolated_eval,
     iter_batches,
-    model_description,
-    open_store,
     world,
 )
 from lightning_tda.data import BatchFn, BatchParser, dataset_fingerprint
@@ -65,12 +63,13 @@ class BlockRecorder(StoreRecorder):
         datasets: Mapping[str, Dataset] | None,
         batch_size: int | None,
         block_rows: int | None,
+        overwrite: bool = False,
     ) -> None:
         if isinstance(splits, str) or not splits:
             raise ValueError(f"splits must be a non-empty sequence of split names, got {splits!r}")
         if (batch_size is not None and batch_size < 1) or (block_rows is not None and block_rows < 1):
             raise ValueError(f"batch_size and block_rows must be positive, got {batch_size} and {block_rows}")
-        super().__init__()
+        super().__init__(overwrite)
         self.store_arg = as_store(store)
         self.splits = tuple(splits)
         self.schedule = schedule
@@ -84,6 +83,7 @@ class BlockRecorder(StoreRecorder):
         self._fresh: set[str] = set()  # tags this process declared just now: no block written yet
         self._batch_sizes: dict[str, int] = {}  # per split, once
         self._nonfinite = 0
+        self._fingerprints: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ for subclasses
     needs_grad: bool = False
@@ -121,19 +121,21 @@ class BlockRecorder(StoreRecorder):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self.store = open_store(self.store_arg, trainer)
+        self.open(trainer)
         self.datasets = find_datasets(trainer, self.splits, self.explicit_datasets)
         self._batch_sizes.clear()
-        fingerprints = {s: dataset_fingerprint(d, self.parser.batch_fn) for s, d in self.datasets.items()}
-        for split, fp in fingerprints.items():  # every rank checks, so every rank raises alike
+        self._fingerprints = {s: dataset_fingerprint(d, self.parser.batch_fn) for s, d in self.datasets.items()}
+        assert self.store is not None
+        for split, fp in self._fingerprints.items():  # every rank checks, so every rank raises alike
             self.store.set_fingerprint(split, fp, write=False)
         self.validate_setup(trainer, pl_module)
-        if trainer.is_global_zero:
-            for split, fp in fingerprints.items():
-                self.store.set_fingerprint(split, fp)
-            if self.store.manifest.get("model") is None:
-                self.store.update_manifest(lambda m: m.__setitem__("model", model_description(pl_module)))
         trainer.strategy.barrier(f"{type(self).__name__}.setup")
+
+    def initialise_store(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert self.store is not None
+        for split, fp in self._fingerprints.items():
+            self.store.set_fingerprint(split, fp)
+        super().initialise_store(trainer, pl_module)
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -143,6 +145,8 @@ class BlockRecorder(StoreRecorder):
             split: self._probe(pl_module, dataset, rows=min(2, len(dataset)))  # type: ignore[arg-type]
             for split, dataset in self.datasets.items()
         }
+        if not self.claim_run(trainer, pl_module, final=False):
+            return  # decided at train start, once Lightning has restored this recorder's state
         # Resuming from a Lightning checkpoint taken at a record's step: finish the record now.
         if self._restored_step is not None:
             for record in self.records():
@@ -174,18 +178,7 @@ class BlockRecorder(StoreRecorder):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        # Lightning is saving a checkpoint: records before it must be on disk, since a resume from
-        # it can no longer recompute them.
-        self.flush()
-        return {"store": str(self.store_arg), "splits": list(self.splits)}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("store") != str(self.store_arg):
-            warnings.warn(
-                f"resuming a {type(self).__name__} that recorded into {state_dict.get('store')!r}, now "
-                f"pointed at {str(self.store_arg)!r}: earlier records stay in the old store"
-            )
+        return {**super().state_dict(), "splits": list(self.splits)}
 
     # ------------------------------------------------------------------ recording
     def epoch_tag(self, trainer: L.Trainer, epoch: int | None = None) -> str:
@@ -200,6 +193,7 @@ class BlockRecorder(StoreRecorder):
         """Take (or finish) the record ``tag`` of the current weights (at ``epoch``, by default
         the trainer's)."""
         assert self.store is not None, f"{type(self).__name__}.record called before setup"
+        self.claim_run(trainer, pl_module)
         if trainer.is_global_zero:
             self._declare(trainer, pl_module, tag, trainer.current_epoch if epoch is None else epoch)
         trainer.strategy.barrier(f"{type(self).__name__}.declare")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Sequence
 
 import lightning as L
@@ -13,8 +12,6 @@ from lightning_tda.callbacks.recording import (
     StoreRecorder,
     as_store,
     learning_rates,
-    model_description,
-    open_store,
 )
 from lightning_tda.store import RunStore
 
@@ -40,6 +37,8 @@ class CheckpointRecorder(StoreRecorder):
         every_n_steps: save after every n-th optimizer step.
         at_epochs: save at the end of these 0-based epochs.
         on_fit_end: save when training ends (unless already saved at that step).
+        overwrite: a fresh fit into a store holding another run's records clears them first
+            (else it is refused; a resume of the same run always goes on).
     """
 
     def __init__(
@@ -49,8 +48,9 @@ class CheckpointRecorder(StoreRecorder):
         every_n_steps: int | None = None,
         at_epochs: Sequence[int] | None = None,
         on_fit_end: bool = True,
+        overwrite: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(overwrite)
         self.store_arg = as_store(store)
         self.schedule = RecordSchedule(
             every_n_epochs=every_n_epochs,
@@ -58,7 +58,7 @@ class CheckpointRecorder(StoreRecorder):
             at_epochs=tuple(at_epochs) if at_epochs is not None else None,
             on_fit_end=on_fit_end,
         )
-        self._saved_steps: set[int] = set()  # global steps with a checkpoint in the store
+        self._saved_steps: set[int] | None = None  # global steps with a checkpoint in the store
 
     @property
     def state_key(self) -> str:
@@ -68,13 +68,21 @@ class CheckpointRecorder(StoreRecorder):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self.store = open_store(self.store_arg, trainer)
-        # A killed run may have saved checkpoints it had not listed yet: list them now.
-        saved = self.store.checkpoints(list_found=trainer.is_global_zero)
-        self._saved_steps = {int(meta.get("global_step", -1)) for meta in saved.values()}
-        if trainer.is_global_zero and self.store.manifest.get("model") is None:
-            self.store.update_manifest(lambda m: m.__setitem__("model", model_description(pl_module)))
-        trainer.strategy.barrier("CheckpointRecorder.setup")
+        self.open(trainer)
+        self._saved_steps = None  # read once the store is claimed for this fit
+
+    def initialise_store(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert self.store is not None
+        self.store.checkpoints(list_found=True)  # a killed run may have saved some it had not listed
+        super().initialise_store(trainer, pl_module)
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.claim_run(trainer, pl_module, final=False)
+
+    def _saved_steps_now(self) -> set[int]:
+        assert self.store is not None
+        return {int(meta.get("global_step", -1)) for meta in self.store.checkpoints().values()}
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -95,23 +103,13 @@ class CheckpointRecorder(StoreRecorder):
             self.save(trainer, pl_module)
         self.flush()  # the manifest lists the checkpoints saved (saves list them in batches)
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        self.flush()  # Lightning is saving a checkpoint: the manifest lists everything before it
-        return {"store": str(self.store_arg)}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("store") != str(self.store_arg):
-            warnings.warn(
-                f"resuming a CheckpointRecorder that saved into {state_dict.get('store')!r}, now "
-                f"pointed at {str(self.store_arg)!r}: earlier checkpoints stay in the old store"
-            )
-
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int | None = None) -> str:
         """Save the current weights (rank 0), unless a checkpoint at this step exists; return its
         tag. ``epoch``: the trainer's by default."""
         assert self.store is not None, "CheckpointRecorder.save called before setup"
+        self.claim_run(trainer, pl_module)
+        if self._saved_steps is None:
+            self._saved_steps = self._saved_steps_now()
         epoch = trainer.current_epoch if epoch is None else epoch
         tag = checkpoint_tag(epoch, trainer.global_step)
         # the tag holds the step, so one saved at this step (a resumed run) is never rewritten

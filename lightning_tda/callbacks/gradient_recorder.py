@@ -44,6 +44,8 @@ class GradientRecorder(BlockRecorder):
         seed, projector: the projection (same seed and projector: the same matrix everywhere).
         dtype: "float16" halves the store; "float32" keeps full precision.
         params: parameter names to cover (default: all trainable).
+        overwrite: a fresh fit into a store holding another run's records clears them first
+            (else it is refused; a resume of the same run always goes on).
     """
 
     records_key = RECORDS_KEY
@@ -68,6 +70,7 @@ class GradientRecorder(BlockRecorder):
         batch_size: int = 128,
         block_rows: int = 1024,
         engine_options: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
     ) -> None:
         if at not in ("fit_end", None):
             raise ValueError(f"at must be 'fit_end' or None, got {at!r}; use every_n_epochs/at_epochs for epochs")
@@ -82,7 +85,7 @@ class GradientRecorder(BlockRecorder):
             at_epochs=tuple(at_epochs) if at_epochs is not None else None,
             on_fit_end=at == "fit_end",
         )
-        super().__init__(store, splits, schedule, batch_fn, datasets, batch_size, block_rows)
+        super().__init__(store, splits, schedule, batch_fn, datasets, batch_size, block_rows, overwrite)
         self.proj_dim = proj_dim
         self.engine_name = engine
         self.output_fn = output_fn
@@ -105,6 +108,8 @@ class GradientRecorder(BlockRecorder):
         self.engine = self.build_engine(pl_module)
         description = self.engine.describe()
         recorded = self.store.manifest.get("projection")
+        if recorded is not None and (self.overwrite or not self.store.holds_records()):
+            recorded = None  # records to be cleared (overwrite=True), or none left of that projection
         if recorded is not None and recorded != description:
             raise StoreError(
                 f"the RunStore at {self.store.path} holds gradients under another projection "
@@ -112,8 +117,13 @@ class GradientRecorder(BlockRecorder):
                 f"than this recorder's (engine {description['engine']}, k={description['proj_dim']}, "
                 f"seed {description['seed']}); scores need one projection: record into a new store"
             )
-        if trainer.is_global_zero and recorded is None:
+
+    def initialise_store(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert self.store is not None and self.engine is not None
+        description = self.engine.describe()
+        if self.store.manifest.get("projection") != description:
             self.store.update_manifest(lambda m: m.__setitem__("projection", description))
+        super().initialise_store(trainer, pl_module)
 
     def describe_record(self, trainer: L.Trainer) -> dict[str, Any]:
         return {"learning_rates": learning_rates(trainer), "output": str(self.output_fn)}

@@ -52,6 +52,8 @@ class MarginRecorder(BlockRecorder):
             input, about 2^13 input numbers a batch).
         block_rows: rows per block (the unit of crash-safe writing and of DDP work division);
             None: one block per rank, between 1,024 and 65,536 rows.
+        overwrite: a fresh fit into a store holding another run's records clears them first
+            (else it is refused; a resume of the same run always goes on).
     """
 
     records_key = RECORDS_KEY
@@ -69,13 +71,14 @@ class MarginRecorder(BlockRecorder):
         datasets: Mapping[str, Dataset] | None = None,
         batch_size: int | None = None,
         block_rows: int | None = None,
+        overwrite: bool = False,
     ) -> None:
         schedule = RecordSchedule(
             every_n_epochs=every_n_epochs,
             at_epochs=tuple(at_epochs) if at_epochs is not None else None,
             on_fit_end=on_fit_end,
         )
-        super().__init__(store, splits, schedule, batch_fn, datasets, batch_size, block_rows)
+        super().__init__(store, splits, schedule, batch_fn, datasets, batch_size, block_rows, overwrite)
         self.output_name = output_fn if isinstance(output_fn, str) else None
         self.output_fn = resolve_output_fn(output_fn)
         self.array_prefix = "margins" if output_fn in (None, "margin") else "outputs"

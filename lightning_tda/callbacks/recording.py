@@ -17,12 +17,13 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 from typing_extensions import override
 
 from lightning_tda.data import BatchParser, TensorImageDataset
-from lightning_tda.store import RunStore, validate_name
+from lightning_tda.store import RunStore, StoreError, validate_name
 
 
 @dataclass(frozen=True)
@@ -166,26 +167,132 @@ def unfinished_epoch_end(checkpoint: Mapping[str, Any]) -> int | None:
 
 
 class StoreRecorder(Callback):
-    """What every recorder shares: its store, flushed at teardown and on errors (and wherever a
-    subclass must leave nothing pending), and the epoch end a resume may skip.
+    """What every recorder shares: its store, the run it belongs to, flushes at teardown and on
+    errors (and wherever a subclass must leave nothing pending), and the epoch end a resume may
+    skip.
 
-    Subclasses set ``schedule`` and ``store`` and say, in :meth:`take_epoch_end`, what they record
-    at an epoch end."""
+    **Run identity.** A store belongs to one training run (its manifest's ``run_id``). Before a
+    fit writes anything, each recorder *claims* the store: a resume (Lightning restored the
+    recorder's state, which holds the run id) must find its own run there; a fresh fit must find
+    the store empty of records, unless ``overwrite=True`` (on any recorder of that store), which
+    clears the old records first and says so. So a second, different run never mixes its records
+    into a store, and a resumed run goes on where it stopped.
+
+    Subclasses set ``schedule`` and ``store``, say in :meth:`take_epoch_end` what they record at
+    an epoch end, and in :meth:`initialise_store` what they write to the manifest once claimed."""
 
     schedule: RecordSchedule
 
-    def __init__(self) -> None:
+    def __init__(self, overwrite: bool = False) -> None:
+        if not isinstance(overwrite, bool):
+            raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+        self.overwrite = overwrite
         self.store: RunStore | None = None
+        self.store_arg: RunStore | str = ""
         self._unfinished_epoch: int | None = None  # see on_train_start
+        self._run_id: str | None = None  # the run this fit records for, once claimed
+        # Lightning restored this recorder's state (a resume), with the run id it recorded for
+        # (plain values: callbacks are pickled into ddp_spawn's processes)
+        self._resumed = False
+        self._restored_run_id: str | None = None
 
     def take_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
         """Record (or save) what the schedule wants at the end of ``epoch``, with the current weights."""
         raise NotImplementedError
 
+    def initialise_store(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Rank 0, once the store is claimed: first manifest entries (the model, by default)."""
+        assert self.store is not None
+        if self.store.manifest.get("model") is None:
+            self.store.update_manifest(lambda m: m.__setitem__("model", model_description(pl_module)))
+
     def flush(self) -> None:
         """Wait until everything this recorder wrote is in the store (and listed there)."""
         if self.store is not None:
             self.store.flush()
+
+    # ------------------------------------------------------------------ run identity
+    def open(self, trainer: L.Trainer) -> RunStore:
+        """Open (rank 0 creating it if needed) this recorder's store for a new fit."""
+        self._run_id = None
+        self.store = open_store(self.store_arg, trainer)
+        return self.store
+
+    def claim_run(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool = True) -> bool:
+        """Make sure the store belongs to this fit's run before anything is written (see the
+        class docstring); returns whether it is claimed. With ``final=False`` (at fit start) the
+        decision waits when Lightning restores the recorder's state only later (strategies that
+        restore a checkpoint after their setup)."""
+        assert self.store is not None, f"{type(self).__name__} used before setup"
+        if self._run_id is not None:
+            return True
+        resumed = self._resumed
+        if not final and not resumed and trainer.ckpt_path is not None and trainer.strategy.restore_checkpoint_after_setup:
+            return False
+        problem: str | None = None
+        clear = False
+        if trainer.is_global_zero:
+            problem, clear = self._decide(trainer, resumed)
+        problem, clear = trainer.strategy.broadcast((problem, clear), src=0)
+        if problem is not None:
+            raise StoreError(problem)
+        if clear and trainer.is_global_zero:
+            cleared = self.store.clear_records()
+            rank_zero_warn(f"{type(self).__name__}: overwrite=True cleared the old records of {self.store.path} ({cleared})")
+        if trainer.is_global_zero:
+            self.initialise_store(trainer, pl_module)
+        trainer.strategy.barrier(f"{type(self).__name__}.claim_run")
+        self.store.refresh()
+        self._run_id = self.store.run_id
+        return True
+
+    def _decide(self, trainer: L.Trainer, resumed: bool) -> tuple[str | None, bool]:
+        """Rank 0: ``(refusal message or None, whether to clear the store first)``."""
+        assert self.store is not None
+        store_id = self.store.run_id
+        if resumed:
+            restored = self._restored_run_id
+            if restored is None or restored == store_id:
+                return None, False
+            return (
+                f"this fit resumes a run that recorded into {self.store.path} as run {restored}, but "
+                f"the store now holds another run ({self.store.describe_records()}); resume with the "
+                "store that run recorded into, or start a fresh fit into a new store path",
+                False,
+            )
+        if not self.store.holds_records():
+            return None, False
+        overwrite = any(
+            cb.overwrite for cb in trainer.callbacks
+            if isinstance(cb, StoreRecorder) and str(cb.store_arg) == str(self.store_arg)
+        )
+        if overwrite:
+            return None, True
+        return (
+            f"the RunStore at {self.store.path} already holds another training run "
+            f"({self.store.describe_records()}) and this fit is not a resume of it; record into a new "
+            "store path, or pass overwrite=True to the recorder to clear those records first. To "
+            "continue that run, resume from its Lightning checkpoint (trainer.fit(..., ckpt_path=...))",
+            False,
+        )
+
+    # ------------------------------------------------------------------ lightning hooks
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # Lightning is saving a checkpoint: everything before it must be in the store, since a
+        # resume from it can no longer recompute it.
+        self.flush()
+        return {"store": str(self.store_arg), "run_id": self._run_id}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("store") != str(self.store_arg):
+            warnings.warn(
+                f"resuming a {type(self).__name__} that recorded into {state_dict.get('store')!r}, now "
+                f"pointed at {str(self.store_arg)!r}: earlier records stay in the old store"
+            )
+        self._resumed = True
+        self._restored_run_id = state_dict.get("run_id")
 
     @override
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -193,6 +300,7 @@ class StoreRecorder(Callback):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.claim_run(trainer, pl_module)
         # Resumed from a checkpoint taken after an epoch's last batch, before its end: Lightning
         # may not replay that epoch's end, so take it now (the weights are that epoch end's; if
         # Lightning does replay it, the record or checkpoint is found there already).
@@ -203,6 +311,7 @@ class StoreRecorder(Callback):
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.flush()
+        self._resumed = False  # the next fit is fresh unless Lightning restores this state again
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
