@@ -122,7 +122,7 @@ def _fit(
     )
     trainer = L.Trainer(
         max_epochs=settings.epochs, accelerator=settings.accelerator, devices=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
     )
     trainer.fit(module, indexed_loader(train, settings.batch_size, seed=settings.split_seed))
     return [m.eval() for m in module.cpu().members()]
