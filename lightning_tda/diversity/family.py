@@ -16,6 +16,7 @@ task with more errors to compare.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -124,7 +125,9 @@ def _fit(
         max_epochs=settings.epochs, accelerator=settings.accelerator, devices=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
     )
-    trainer.fit(module, indexed_loader(train, settings.batch_size, seed=settings.split_seed))
+    with warnings.catch_warnings():  # no validation split here, by design
+        warnings.filterwarnings("ignore", ".*validation_step.*val_dataloader.*")
+        trainer.fit(module, indexed_loader(train, settings.batch_size, seed=settings.split_seed))
     return [m.eval() for m in module.cpu().members()]
 
 
