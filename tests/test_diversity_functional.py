@@ -178,4 +178,7 @@ def test_bad_inputs_are_clear_errors():
 def test_docstring_examples():
     import doctest
 
-    assert doctest.testmod(F).failed == 0
+    from lightning_tda.diversity import categories, inputs, overlap, temperature
+
+    for module in (F, inputs, temperature, categories, overlap):
+        assert doctest.testmod(module).failed == 0, module.__name__

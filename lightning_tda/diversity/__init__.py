@@ -7,7 +7,7 @@ gains. The package, in the torchmetrics layout:
 
 - ``functional.py``: the metrics on labels, probabilities or logits, for two models or ``[M, n]``
   pairwise (error inconsistency, error consistency, error correlation, disagreement, ensemble
-  gain, conversion rate);
+  gain, conversion rate); ``inputs.py`` checks and stacks those predictions;
 - ``metrics.py``: the same as torchmetrics ``Metric`` classes (sum states, synced under DDP);
 - ``temperature.py``: temperature scaling on a held-out split;
 - ``analysis.py`` / ``result.py``: M models' logits -> :class:`DiversityResult` (pairwise

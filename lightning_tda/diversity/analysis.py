@@ -16,17 +16,8 @@ import torch
 from torch import Tensor
 
 from lightning_tda.diversity.categories import DEFAULT_CATEGORY_ORDER, check_descriptions
-from lightning_tda.diversity.functional import (
-    COMBINES,
-    PAIRWISE_METRICS,
-    PredictionsLike,
-    _accuracy,
-    _all_compute,
-    _check_target,
-    _pair_counts_update,
-    ensemble_scores,
-    stack_predictions,
-)
+from lightning_tda.diversity.functional import PAIRWISE_METRICS, _accuracy, _all_compute, _pair_counts_update
+from lightning_tda.diversity.inputs import COMBINES, PredictionsLike, check_target, ensemble_scores, stack_predictions
 from lightning_tda.diversity.result import DiversityResult
 from lightning_tda.diversity.temperature import DEFAULT_BOUNDS, fit_temperature
 
@@ -139,7 +130,7 @@ def calibrate(
     on it (see :func:`analyze_diversity` for the arguments)."""
     z = _logits(logits, "logits")
     M = z.shape[0]
-    y = _check_target(torch.as_tensor(target), z.shape[1], z.shape[2])
+    y = check_target(torch.as_tensor(target), z.shape[1], z.shape[2])
     if isinstance(held_out, tuple):
         if len(held_out) != 2:
             raise ValueError("held_out must be (logits, labels), a fraction, or None")
@@ -149,7 +140,7 @@ def calibrate(
                 f"held-out logits are {tuple(held_z.shape)} but the evaluation logits {tuple(z.shape)}: "
                 "the same models (and classes) must be run on both splits"
             )
-        held_y = _check_target(torch.as_tensor(held_out[1]), held_z.shape[1], z.shape[2])
+        held_y = check_target(torch.as_tensor(held_out[1]), held_z.shape[1], z.shape[2])
     elif held_out is not None:
         rows, held_rows = split_held_out(z.shape[1], held_out, settings.split_seed)
         held_z, held_y, z, y = z[:, held_rows], y[held_rows], z[:, rows], y[rows]

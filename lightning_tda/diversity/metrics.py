@@ -21,11 +21,8 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lightning_tda.diversity.functional import (
-    COMBINES,
     REFERENCES,
-    Combine,
     PairCounts,
-    PredictionsLike,
     Reference,
     _accuracy,
     _all_compute,
@@ -36,8 +33,8 @@ from lightning_tda.diversity.functional import (
     _error_correlation_compute,
     _error_inconsistency_compute,
     _pair_counts_update,
-    stack_predictions,
 )
+from lightning_tda.diversity.inputs import COMBINES, Combine, PredictionsLike, stack_predictions
 
 __all__ = [
     "ConversionRate",

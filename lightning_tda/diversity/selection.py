@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from lightning_tda.diversity.categories import DEFAULT_CATEGORY_ORDER, pair_category
-from lightning_tda.diversity.functional import Combine, ensemble_scores, stack_predictions, _check_target
+from lightning_tda.diversity.inputs import Combine, check_target, ensemble_scores, stack_predictions
 from lightning_tda.results import AnalysisResult
 
 if TYPE_CHECKING:
@@ -141,12 +141,12 @@ def greedy_ensemble_selection(
     """
     sel = ensemble_scores(stack_predictions(selection_scores, "selection_scores"), combine)
     M = sel.shape[0]
-    y = _check_target(torch.as_tensor(selection_target), sel.shape[1], sel.shape[2])
+    y = check_target(torch.as_tensor(selection_target), sel.shape[1], sel.shape[2])
     if evaluation_scores is not None:
         ev = ensemble_scores(stack_predictions(evaluation_scores, "evaluation_scores"), combine)
         if ev.shape[0] != M or ev.shape[2] != sel.shape[2]:
             raise ValueError(f"evaluation scores {tuple(ev.shape)} do not match the selection scores {tuple(sel.shape)}")
-        ey = _check_target(torch.as_tensor(evaluation_target), ev.shape[1], ev.shape[2])
+        ey = check_target(torch.as_tensor(evaluation_target), ev.shape[1], ev.shape[2])
     else:
         ev, ey = sel[:, :0], y[:0]
     max_size = M if max_size is None else max_size
