@@ -24,7 +24,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_tda.data import BatchFn, BatchParser
-from lightning_tda.diversity.analysis import CalibratedOutputs, DiversitySettings, HeldOut, calibrate, diversity_of
+from lightning_tda.diversity.analysis import (
+    CalibratedOutputs,
+    DiversitySettings,
+    HeldOut,
+    calibrate,
+    diversity_of,
+    split_held_out,
+)
+from lightning_tda.diversity.categories import check_descriptions
 from lightning_tda.diversity.result import DiversityResult
 from lightning_tda.diversity.stores import StoreLike, read_store_outputs
 
@@ -78,17 +86,20 @@ class EnsembleDiversity(L.LightningModule):
         super().__init__()
         members, self.names = _models(models, names)
         self.members = nn.ModuleList(members)
-        self.descriptions = [dict(d) for d in descriptions] if descriptions is not None else [{} for _ in members]
-        if len(self.descriptions) != len(members):
-            raise ValueError(f"got {len(self.descriptions)} descriptions for {len(members)} models")
         if not isinstance(settings, DiversitySettings):
             raise TypeError(f"settings must be a DiversitySettings, got {type(settings).__name__}")
+        given = descriptions if descriptions is not None else [{} for _ in members]
+        self.descriptions = check_descriptions(given, len(members), settings.category_order)
+        missing = sorted(set(settings.anchors) - set(self.names))
+        if missing:
+            raise ValueError(f"anchors {missing} are not model names ({self.names})")
         self.settings = settings
         self.held_out_fraction = held_out_fraction
         self.parser = BatchParser(batch_fn=batch_fn)
         self.result: DiversityResult | None = None
         self.outputs: CalibratedOutputs | None = None  # the calibrated logits behind the result
         self._collected: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
+        self._fraction: float | None = None  # evaluate(held_out=<fraction>) for one call
 
     def forward(self, x: Tensor) -> Tensor:
         """Every model's logits on ``x``: ``[M, batch, C]``."""
@@ -153,7 +164,7 @@ class EnsembleDiversity(L.LightningModule):
         if 1 in self._collected:
             held_out: HeldOut = self._gathered(1)
         else:
-            held_out = self.held_out_fraction
+            held_out = self._fraction if self._fraction is not None else self.held_out_fraction
         self.outputs = calibrate(logits, target, held_out, self.settings)
         self.result = diversity_of(self.outputs, names=self.names, descriptions=self.descriptions, settings=self.settings)
         self._collected = {}
@@ -176,7 +187,7 @@ class EnsembleDiversity(L.LightningModule):
         if isinstance(held_out, Dataset):
             loaders.append(DataLoader(held_out, batch_size=batch_size, shuffle=False))
         elif held_out is not None:
-            self.held_out_fraction = held_out
+            split_held_out(len(dataset), held_out)  # checks the fraction before any model runs
         elif self.settings.temperature_scaling and self.held_out_fraction is None:
             raise ValueError(
                 "temperature scaling needs a held-out split, and none was given: pass held_out= "
@@ -188,7 +199,11 @@ class EnsembleDiversity(L.LightningModule):
                 accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                 enable_progress_bar=False, enable_model_summary=False,
             )
-        trainer.test(self, dataloaders=loaders, verbose=False)
+        self._fraction = None if isinstance(held_out, Dataset) else held_out
+        try:
+            trainer.test(self, dataloaders=loaders, verbose=False)
+        finally:
+            self._fraction = None
         if self.result is None:
             raise RuntimeError(
                 "the test ran in other processes (ddp_spawn), whose result does not come back; "

@@ -157,6 +157,10 @@ def diversity_report(
     """
     seq = list(members.values()) if isinstance(members, Mapping) else list(members)
     if seq and all(_is_store_like(m) for m in seq):
+        if isinstance(members, Mapping):
+            if names is not None:
+                raise ValueError("pass names either as the keys of a mapping of stores or as names=, not both")
+            names = [str(k) for k in members]
         outputs = read_store_outputs(seq, split, data, names=names, descriptions=descriptions)
         if isinstance(held_out, str):
             other = read_store_outputs(seq, held_out, held_out_labels)
