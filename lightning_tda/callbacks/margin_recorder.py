@@ -15,9 +15,10 @@ from lightning_tda.callbacks.block_recorder import ArraySpec, BlockRecorder
 from lightning_tda.callbacks.recording import RecordSchedule
 from lightning_tda.data import BatchFn
 from lightning_tda.outputs import FROM_LOGITS, OutputFn, check_labels, check_output, loss_from_logits, resolve_output_fn
-from lightning_tda.store import RunStore, join_name
+from lightning_tda.store import RunStore, StoreError, join_name
 
 RECORDS_KEY = "margins"
+LOGITS_KEY = "logits"
 _LOGITS_PER_COLUMNS = 2**22  # logits held before a block's columns are computed (16 MiB float32)
 
 
@@ -26,9 +27,10 @@ class MarginRecorder(BlockRecorder):
 
     Each record is a pass of its own over each split's dataset, in eval mode, in order, in batches
     (so row ``i`` is example ``i``). It writes, per split, ``margins/<split>`` (or
-    ``outputs/<split>`` for a non-margin ``output_fn``), ``losses/<split>``, ``preds/<split>`` and,
-    with ``embeddings="layer.name"``, ``embeddings/<split>`` (the layer's flattened output), each
-    ``[n_records, n_examples, ...]``. Records are listed in the manifest with epoch and global step.
+    ``outputs/<split>`` for a non-margin ``output_fn``), ``losses/<split>``, ``preds/<split>``,
+    with ``embeddings="layer.name"`` ``embeddings/<split>`` (the layer's flattened output) and with
+    ``logits=True`` ``logits/<split>`` (the model's outputs, ``[..., n_classes]``: what ensembles,
+    temperature scaling and the diversity analysis need), each ``[n_records, n_examples, ...]``. Records are listed in the manifest with epoch and global step.
 
     On an ensemble (:class:`~lightning_tda.ensemble.EnsembleModule`, logits ``[M, batch, C]``)
     each array gains a last axis with one column per copy: ``margins/<split>[record, example, m]``.
@@ -47,6 +49,7 @@ class MarginRecorder(BlockRecorder):
             ``fn(module, x, y) -> Tensor[batch]``.
         batch_fn: ``fn(batch) -> (x, y)`` when batches are not ``(x, y)`` or ``{"x", "y"}``.
         embeddings: name of a submodule whose output is also recorded (e.g. "model.fc1").
+        logits: also record the logits (read them with :func:`read_logits`).
         datasets: explicit ``{split: dataset}``; otherwise taken from the datamodule.
         batch_size: examples per forward pass of the recording pass (None: sized from the
             input, about 2^13 input numbers a batch).
@@ -71,6 +74,7 @@ class MarginRecorder(BlockRecorder):
         datasets: Mapping[str, Dataset] | None = None,
         batch_size: int | None = None,
         block_rows: int | None = None,
+        logits: bool = False,
         overwrite: bool = False,
     ) -> None:
         schedule = RecordSchedule(
@@ -83,6 +87,7 @@ class MarginRecorder(BlockRecorder):
         self.output_fn = resolve_output_fn(output_fn)
         self.array_prefix = "margins" if output_fn in (None, "margin") else "outputs"
         self.embeddings = embeddings
+        self.logits = bool(logits)
         self._channels_last: bool | None = None  # unknown until the first image batch
         self._conv_hooks: list[Any] = []  # while a pass runs (_channels_last_convs)
 
@@ -95,7 +100,8 @@ class MarginRecorder(BlockRecorder):
 
     def array_specs(self, split: str, record: Mapping[str, Any], probe: Sequence[Tensor]) -> list[ArraySpec]:
         lead = (int(record["index"]),)
-        names = ["losses", "preds"] + (["embeddings"] if self.embeddings is not None else []) + [self.array_prefix]
+        names = ["losses", "preds"] + (["embeddings"] if self.embeddings is not None else [])
+        names += ([LOGITS_KEY] if self.logits else []) + [self.array_prefix]
         return [
             ArraySpec(join_name(name, split), tuple(col.shape[1:]), "int64" if name == "preds" else "float32", lead)
             for name, col in zip(names, probe)
@@ -175,6 +181,8 @@ class MarginRecorder(BlockRecorder):
         columns = [loss_from_logits(logits, y).float(), logits.argmax(1).to(torch.int64)]
         if self.embeddings is not None:
             columns.append(captured[0].flatten(1).float())
+        if self.logits:
+            columns.append(logits.float())
         return columns + [out.float()]
 
     @contextlib.contextmanager
@@ -244,7 +252,10 @@ class MarginRecorder(BlockRecorder):
                 f"{type(module).__name__} returns [M, batch, classes] logits but has no batch_outputs(); "
                 "use a built-in output_fn name"
             )
-        return [per_copy(loss_from_logits(flat, labels)).float(), per_copy(flat.argmax(1)).to(torch.int64), out.float()]
+        columns = [per_copy(loss_from_logits(flat, labels)).float(), per_copy(flat.argmax(1)).to(torch.int64)]
+        if self.logits:
+            columns.append(logits.permute(1, 2, 0).float())  # [batch, classes, copy]
+        return columns + [out.float()]
 
 
 def read_margins(store: RunStore, split: str, prefix: str = "margins") -> tuple[np.ndarray, list[dict[str, Any]]]:
@@ -258,3 +269,16 @@ def read_margins(store: RunStore, split: str, prefix: str = "margins") -> tuple[
     ]
     values = store.read(name)[[int(r["index"]) for r in records]] if records else np.empty((0, 0), np.float32)
     return values, records
+
+
+def read_logits(store: RunStore, split: str) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """The recorded logits of ``split`` (``MarginRecorder(..., logits=True)``): ``(values
+    [n_complete, n_examples, n_classes] (an ensemble's: ``[..., n_classes, copy]``), their
+    manifest entries)``; a :class:`~lightning_tda.store.StoreError` that says how to record them
+    when the store has none."""
+    if not store.has_array(join_name(LOGITS_KEY, split)):
+        raise StoreError(
+            f"{store.path} has no recorded logits for split {split!r} (it holds {store.array_names()}); "
+            "record them with MarginRecorder(..., logits=True)"
+        )
+    return read_margins(store, split, prefix=LOGITS_KEY)
