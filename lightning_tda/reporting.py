@@ -268,6 +268,47 @@ class Reporter:
         return path
 
     @rank_zero_only
+    def log_line(
+        self,
+        name: str,
+        x: Sequence[float],
+        series: Mapping[str, Sequence[float]],
+        xlabel: str = "x",
+        ylabel: str = "y",
+        title: str | None = None,
+        step: int | None = None,
+    ) -> Path:
+        """A line plot of several ``series`` over ``x``: ``figures/<name>.png`` (and the HTML
+        page) always; with W&B, a native line chart (``wandb.plot.line_series``) under ``name``
+        that W&B redraws and lets one hover over."""
+        x = [float(v) for v in x]
+        if not series:
+            raise ValueError(f"line plot {name!r} has no series")
+        for key, ys in series.items():
+            if len(ys) != len(x):
+                raise ValueError(f"line plot {name!r}: series {key!r} has {len(ys)} values for {len(x)} x values")
+        fig = Figure(figsize=(6, 3.6))
+        ax = fig.subplots()
+        for key, ys in series.items():
+            ax.plot(x, [float(v) for v in ys], marker="o", label=str(key))
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title or name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = self._path("figures", name, ".png")
+        fig.savefig(path, dpi=self.dpi, bbox_inches="tight")
+        self.html.add_figure(name, path.read_bytes(), title)
+        if self.wandb_loggers:
+            import wandb
+
+            chart = wandb.plot.line_series(
+                xs=x, ys=[[float(v) for v in ys] for ys in series.values()], keys=[str(k) for k in series],
+                title=title or name, xname=xlabel,
+            )
+            self._to_wandb({name: chart}, step)
+        return path
+
+    @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float | Tensor], step: int | None = None) -> None:
         """Append ``metrics`` to ``metrics.csv`` (columns step, name, value) and log them to every
         logger."""

@@ -60,6 +60,8 @@ def log_everything(reporter: Reporter) -> dict[str, Path]:
         ),
         "grid": reporter.log_image_grid("grid", imgs[:, 0], captions=["a", "b", "c"], nrow=2, step=3),
         "metrics": reporter.log_metrics({"lds": 0.5, "n": torch.tensor(3)}, step=3),
+        "line": reporter.log_line("lds_curve", [1, 5, 10], {"trak": [0.1, 0.2, 0.3], "grad_dot": [0.1, 0.11, 0.12]},
+                                  xlabel="models", ylabel="LDS", step=4),
     }
 
 
@@ -184,6 +186,11 @@ def test_wandb_offline_run_holds_figure_table_and_grid(offline_wandb):
         ours = tmp_path / "report" / "tables" / "top" / f"image_{i}.png"
         assert cell["sha256"] == sha256(ours) == sha256(staged[cell["path"]])
 
+    # The line plot: a native W&B chart, its data a table of (x, series, y) rows.
+    line = by_key["lds_curve_table"]["lds_curve_table"]
+    assert line["_type"] == "table-file" and line["nrows"] == 6 and line["ncols"] == 3
+    assert (tmp_path / "report" / "figures" / "lds_curve.png").exists()
+
     # Metrics went to W&B too.
     metric = by_key["lds"]
     assert metric["lds"] == 0.5 and metric["n"] == 3.0 and metric["trainer/global_step"] == 3
@@ -275,3 +282,27 @@ def test_to_uint8_image_conversions(tmp_path):
     # A grid of RGB images, a list input and no captions.
     path = Reporter(tmp_path).log_image_grid("rgb", list(torch.rand(5, 3, 6, 6)), nrow=3)
     assert read_png(path).shape[2] in (3, 4)
+
+
+def test_html_page_holds_everything_logged_and_needs_no_server(tmp_path):
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    reporter = Reporter(tmp_path / "run", html_title="demo page")
+    reporter.section("First", "a note <with> markup")
+    log_everything(reporter)
+    reporter.section("Second")
+    reporter.note("more")
+    page = reporter.write_html().read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<title>demo page</title>" in page
+    assert "a note &lt;with&gt; markup" in page  # escaped
+    assert [m for m in re.findall(r"<h2>(.*?)</h2>", page)] == ["First", "Second"]
+    assert 'class="sortable"' in page and "addEventListener('click'" in page
+    uris = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(uris) == 1 + 3 + 1 + 1  # the figure, the table's three image cells, the grid, the line plot
+    for uri in uris:
+        Image.open(io.BytesIO(base64.b64decode(uri))).verify()
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from elsewhere
