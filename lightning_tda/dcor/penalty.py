@@ -45,7 +45,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
 from lightning_tda.data import BatchFn, BatchParser
-from lightning_tda.dcor import DEFAULT_BLOCK_SIZE, Method, check_method, resolve_statistic
+from lightning_tda.dcor.functional import DEFAULT_BLOCK_SIZE, Method, check_method, resolve_statistic
 
 __all__ = ["DistanceCorrelationLoss", "DistanceCorrelationPenalty", "linear_warmup"]
 
@@ -68,7 +68,7 @@ class DistanceCorrelationLoss(nn.Module):
             near 0; ``"u_distance_correlation_sqr"`` is bias-corrected (may be negative).
         target: ``"decorrelate"`` or ``"correlate"``.
         normalize: L2-normalise each sample's flattened features first.
-        method, block_size: the functional path (:mod:`lightning_tda.dcor`).
+        method, block_size: the functional path (:mod:`lightning_tda.dcor.functional`).
         check_finite: raise a clear error on NaN/inf features (one device sync per call).
 
     Example:
@@ -284,7 +284,7 @@ class DistanceCorrelationPenalty(L.LightningModule):
             function ``batch -> input``.
         batch_fn: how to split a batch into ``(x, y)`` for ``"batch"`` (default parser:
             tuples and ``{"x", "y"}`` mappings).
-        method, block_size: the functional path (:mod:`lightning_tda.dcor`).
+        method, block_size: the functional path (:mod:`lightning_tda.dcor.functional`).
         log_prefix: prefix of the logged names.
 
     Example:
