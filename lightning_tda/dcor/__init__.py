@@ -5,8 +5,13 @@ Laid out as torchmetrics is:
 - :mod:`~lightning_tda.dcor.functional`: dCor, bias-corrected dCor^2, partial dCor (torch alone);
 - :mod:`~lightning_tda.dcor.metric`: :class:`DistanceCorrelation`, :class:`PartialDistanceCorrelation`
   (torchmetrics, DDP-synced);
-- :mod:`~lightning_tda.dcor.penalty`: :class:`DistanceCorrelationLoss` and
-  :class:`DistanceCorrelationPenalty` (a LightningModule wrapper that adds dCor to a loss).
+- :mod:`~lightning_tda.dcor.loss`: :class:`DistanceCorrelationLoss`, a loss term for any loop;
+- :mod:`~lightning_tda.dcor.penalty`: :class:`DistanceCorrelationPenalty`, a LightningModule
+  wrapper that adds dCor (or partial dCor with a signal) to an unmodified module's loss;
+- the recipes of Zhen et al. (ECCV 2022), one module each:
+  :mod:`~lightning_tda.dcor.transfer_attacks` (diverse models against transfer attacks),
+  :mod:`~lightning_tda.dcor.layers` (layer-by-layer comparison of two networks),
+  :mod:`~lightning_tda.dcor.conditioning` (train a model on what another does not capture).
 
 Every public name is importable from here. The functional names are imported eagerly and need
 torch alone; the others load their module (and Lightning, torchmetrics) on first use, so
@@ -25,6 +30,7 @@ from lightning_tda.dcor.functional import (
     STATISTICS,
     Method,
     check_method,
+    correlations_from_terms,
     distance_correlation,
     distance_correlation_sqr,
     distance_covariance,
@@ -41,9 +47,24 @@ from lightning_tda.dcor.functional import (
 _LAZY = {
     "DistanceCorrelation": "metric",
     "PartialDistanceCorrelation": "metric",
-    "DistanceCorrelationLoss": "penalty",
+    "DistanceCorrelationLoss": "loss",
     "DistanceCorrelationPenalty": "penalty",
-    "linear_warmup": "penalty",
+    "linear_warmup": "loss",
+    "LayerComparison": "layers",
+    "compare_layers": "layers",
+    "default_layers": "layers",
+    "demo_layer_comparison": "layers",
+    "layer_activations": "layers",
+    "linear_cka": "layers",
+    "DiverseFamily": "transfer_attacks",
+    "TransferAttackResult": "transfer_attacks",
+    "diverse_models_against_transfer_attacks": "transfer_attacks",
+    "evaluate_transfer": "transfer_attacks",
+    "fgsm": "transfer_attacks",
+    "pgd": "transfer_attacks",
+    "train_diverse_family": "transfer_attacks",
+    "ConditioningResult": "conditioning",
+    "condition_on_model": "conditioning",
 }
 
 
@@ -67,6 +88,7 @@ __all__ = [
     "PARTIAL_STATISTICS",
     "STATISTICS",
     "check_method",
+    "correlations_from_terms",
     "distance_correlation",
     "distance_correlation_sqr",
     "distance_covariance",
