@@ -84,10 +84,11 @@ def test_linear_cka_equals_its_gram_definition():
         k, m = h @ a @ a.T @ h, h @ b @ b.T @ h
         return float((k * m).sum() / torch.sqrt((k * k).sum() * (m * m).sum()))
 
-    got = linear_cka(xs, ys)
-    for i, a in enumerate(xs):
-        for j, b in enumerate(ys):
-            assert float(got[i, j]) == pytest.approx(reference(a, b), abs=1e-12)
+    for form in ("feature", "gram", "auto"):
+        got = linear_cka(xs, ys, form=form, block_rows=7)
+        for i, a in enumerate(xs):
+            for j, b in enumerate(ys):
+                assert float(got[i, j]) == pytest.approx(reference(a, b), abs=1e-12), form
     assert float(linear_cka([torch.ones(5, 2)], [torch.randn(5, 2)])[0, 0]) == 0.0  # constant input
 
 

@@ -126,26 +126,48 @@ def layer_activations(
     return {name: torch.cat(rec.batches) for name, rec in recorders.items()}
 
 
-def linear_cka(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
+def linear_cka(
+    xs: Sequence[Tensor], ys: Sequence[Tensor], form: Literal["auto", "feature", "gram"] = "auto",
+    block_rows: int = 256,
+) -> Tensor:
     r"""Linear CKA between every ``x`` in ``xs`` and ``y`` in ``ys`` (each ``[n, d]``): ``[len(xs), len(ys)]``.
 
     .. math::
 
         \mathrm{CKA}(X, Y) = \frac{\|Y_c^\top X_c\|_F^2}{\|X_c^\top X_c\|_F\, \|Y_c^\top Y_c\|_F}
+            = \frac{\langle K_X, K_Y \rangle_F}{\|K_X\|_F \|K_Y\|_F}
 
-    with column-centred :math:`X_c, Y_c`, in float64; 0 for a constant input.
+    with column-centred :math:`X_c, Y_c` and :math:`K = X_c X_c^\top`; 0 for a constant input.
+    ``form="auto"`` takes whichever form costs fewer operations: the feature-space form (``d_x x d_y``
+    products, ``n (\sum d_x)(\sum d_y)`` operations) or the Gram form, in blocks of
+    ``block_rows`` rows of every layer's ``K`` at once (``n^2 (\sum d_x + \sum d_y)``
+    operations, ``block_rows x n`` entries a layer; never a whole ``n x n`` matrix). Products of
+    the activations in their dtype (at least float32), everything after in float64.
     """
-    cx = [x.double() - x.double().mean(0) for x in xs]
-    cy = [y.double() - y.double().mean(0) for y in ys]
-    norm_x = [torch.linalg.matrix_norm(c.T @ c) for c in cx]
-    norm_y = [torch.linalg.matrix_norm(c.T @ c) for c in cy]
-    out = torch.zeros(len(cx), len(cy), dtype=torch.float64)
-    for i, a in enumerate(cx):
-        for j, b in enumerate(cy):
-            den = norm_x[i] * norm_y[j]
-            if den > 0:
-                out[i, j] = (b.T @ a).square().sum() / den
-    return out
+    dtype = torch.promote_types(torch.promote_types(xs[0].dtype, ys[0].dtype), torch.float32)
+    cx = [(x.double() - x.double().mean(0)).to(dtype) for x in xs]
+    cy = [(y.double() - y.double().mean(0)).to(dtype) for y in ys]
+    if form not in ("auto", "feature", "gram"):
+        raise ValueError(f"form must be 'auto', 'feature' or 'gram', got {form!r}")
+    n = cx[0].shape[0]
+    width_x, width_y = sum(c.shape[1] for c in cx), sum(c.shape[1] for c in cy)
+    if form == "gram" or (form == "auto" and n * (width_x + width_y) < width_x * width_y):
+        cross = torch.zeros(len(cx), len(cy), dtype=torch.float64)
+        sq_x, sq_y = torch.zeros(len(cx), dtype=torch.float64), torch.zeros(len(cy), dtype=torch.float64)
+        for r0 in range(0, n, block_rows):
+            # Gram rows in the inputs' dtype (the n^2 d work), their products in float64 (cheap)
+            kx = torch.stack([c[r0 : r0 + block_rows] @ c.T for c in cx]).flatten(1).double()
+            ky = torch.stack([c[r0 : r0 + block_rows] @ c.T for c in cy]).flatten(1).double()
+            cross += kx @ ky.T
+            sq_x += kx.square().sum(1)
+            sq_y += ky.square().sum(1)
+        norm_x, norm_y = sq_x.sqrt(), sq_y.sqrt()
+    else:
+        cross = torch.stack([torch.stack([(b.T @ a).double().square().sum() for b in cy]) for a in cx])
+        norm_x = torch.stack([torch.linalg.matrix_norm((c.T @ c).double()) for c in cx])
+        norm_y = torch.stack([torch.linalg.matrix_norm((c.T @ c).double()) for c in cy])
+    den = norm_x[:, None] * norm_y[None, :]
+    return torch.where(den > 0, cross / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(cross))
 
 
 def _partial(r_xy: Tensor, r_xz: Tensor, r_yz: Tensor, semi: bool) -> Tensor:
@@ -231,8 +253,10 @@ class LayerComparison(AnalysisResult):
         ax.set_title(title, fontsize=9)
         if values.size <= 144:
             for (i, j), v in np.ndenumerate(values):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if v < vmin + 0.5 * (1 - vmin) else "black")
+                # white text on the dark ends of the colour map: the low end of a sequential one,
+                # both ends of a diverging one
+                dark = abs(v) > 0.6 if vmin < 0 else v < vmin + 0.5 * (1 - vmin)
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if dark else "black")
 
     def plot(self, ax: "Axes | None" = None) -> tuple["Figure", "Axes"]:
         """The dCor heatmap (rows: layers of A, columns: layers of B)."""
