@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from lightning_tda.data import DigitsDataModule
-from lightning_tda.dcor.transfer_attacks import DEFAULT_EPS, TransferAttackResult, diverse_models_against_transfer_attacks
+from lightning_tda.dcor.attacks import DEFAULT_EPS
+from lightning_tda.dcor.transfer_attacks import TransferAttackResult, diverse_models_against_transfer_attacks
 from lightning_tda.reporting import Reporter
 
 

@@ -8,14 +8,8 @@ import torch
 from torch import nn
 
 from lightning_tda.data import TensorImageDataset, load_digits_tensors
-from lightning_tda.dcor.transfer_attacks import (
-    TransferAttackResult,
-    evaluate_transfer,
-    fgsm,
-    margin_loss,
-    pgd,
-    train_diverse_family,
-)
+from lightning_tda.dcor.attacks import fgsm, margin_loss, pgd
+from lightning_tda.dcor.transfer_attacks import TransferAttackResult, evaluate_transfer, train_diverse_family
 
 
 def _linear(d: int, k: int, seed: int) -> nn.Linear:

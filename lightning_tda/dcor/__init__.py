@@ -9,7 +9,8 @@ Laid out as torchmetrics is:
 - :mod:`~lightning_tda.dcor.penalty`: :class:`DistanceCorrelationPenalty`, a LightningModule
   wrapper that adds dCor (or partial dCor with a signal) to an unmodified module's loss;
 - the recipes of Zhen et al. (ECCV 2022), one module each:
-  :mod:`~lightning_tda.dcor.transfer_attacks` (diverse models against transfer attacks),
+  :mod:`~lightning_tda.dcor.transfer_attacks` (diverse models against transfer attacks, with
+  :mod:`~lightning_tda.dcor.attacks`: FGSM and PGD),
   :mod:`~lightning_tda.dcor.layers` (layer-by-layer comparison of two networks),
   :mod:`~lightning_tda.dcor.conditioning` (train a model on what another does not capture).
 
@@ -60,8 +61,8 @@ _LAZY = {
     "TransferAttackResult": "transfer_attacks",
     "diverse_models_against_transfer_attacks": "transfer_attacks",
     "evaluate_transfer": "transfer_attacks",
-    "fgsm": "transfer_attacks",
-    "pgd": "transfer_attacks",
+    "fgsm": "attacks",
+    "pgd": "attacks",
     "train_diverse_family": "transfer_attacks",
     "ConditioningResult": "conditioning",
     "condition_on_model": "conditioning",
