@@ -21,32 +21,24 @@ from pathlib import Path
 
 import torch
 
+from lightning_tda.arguments import new_directory, non_negative_float, positive_int
 from lightning_tda.data import DigitsDataModule
 from lightning_tda.dcor.conditioning import ConditioningResult, condition_on_model
 from lightning_tda.reporting import Reporter
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> ConditioningResult:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--weight", type=float, default=0.1, help="weight of 1 - pdCor (seed's code: 0.1)")
+    parser.add_argument("--weight", type=non_negative_float, default=0.1, help="weight of 1 - pdCor (seed's code: 0.1)")
     parser.add_argument("--statistic", choices=["semi_partial_distance_correlation", "partial_distance_correlation"],
                         default="semi_partial_distance_correlation")
     parser.add_argument("--epochs", type=positive_int, default=8)
     parser.add_argument("--n-train", type=positive_int, default=None, help="training images (default: all 1,438)")
     parser.add_argument("--fast", action="store_true", help="1 seed, 2 epochs")
-    parser.add_argument("--out", type=Path, default=Path("runs/dcor_conditioning"))
+    parser.add_argument("--out", type=new_directory, default=Path("runs/dcor_conditioning"))
     parser.add_argument("--wandb", action="store_true", help="also log to an offline W&B run")
     args = parser.parse_args(argv)
-    if args.weight < 0:
-        parser.error(f"--weight must be >= 0, got {args.weight}")
     if args.fast:
         args.seeds, args.epochs = [0], 2
     torch.set_num_threads(min(2, torch.get_num_threads()))

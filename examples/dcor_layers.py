@@ -22,17 +22,11 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from lightning_tda.arguments import new_directory, positive_int
 from lightning_tda.data import DigitsDataModule
 from lightning_tda.dcor.layers import LayerComparison, compare_layers
 from lightning_tda.models import DigitsCNN, ImageClassifier
 from lightning_tda.reporting import Reporter
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
 
 
 def train(seed: int, datamodule: DigitsDataModule, epochs: int) -> ImageClassifier:
@@ -53,7 +47,7 @@ def main(argv: list[str] | None = None) -> LayerComparison:
                         default="partial_distance_correlation")
     parser.add_argument("--n-train", type=positive_int, default=None, help="training images (default: all 1,438)")
     parser.add_argument("--fast", action="store_true", help="2 epochs")
-    parser.add_argument("--out", type=Path, default=Path("runs/dcor_layers"))
+    parser.add_argument("--out", type=new_directory, default=Path("runs/dcor_layers"))
     parser.add_argument("--wandb", action="store_true", help="also log to an offline W&B run")
     args = parser.parse_args(argv)
     if args.fast:

@@ -22,40 +22,24 @@ from pathlib import Path
 
 import torch
 
+from lightning_tda.arguments import new_directory, non_negative_float, positive_int
 from lightning_tda.data import DigitsDataModule
 from lightning_tda.dcor.attacks import DEFAULT_EPS
 from lightning_tda.dcor.transfer_attacks import TransferAttackResult, diverse_models_against_transfer_attacks
 from lightning_tda.reporting import Reporter
 
 
-def positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return parse
-
-
-def non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"eps must be >= 0, got {text}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> TransferAttackResult:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--size", type=positive(int), default=3, help="models per family (>= 2): M0 and M1..")
-    parser.add_argument("--weight", type=float, default=0.05, help="dCor penalty weight (seed: 0.05)")
-    parser.add_argument("--epochs", type=positive(int), default=8)
-    parser.add_argument("--eps", type=non_negative, nargs="+", default=list(DEFAULT_EPS))
-    parser.add_argument("--pgd-steps", type=positive(int), default=40)
-    parser.add_argument("--n-train", type=positive(int), default=None, help="training images (default: all 1,438)")
+    parser.add_argument("--size", type=positive_int, default=3, help="models per family (>= 2): M0 and M1..")
+    parser.add_argument("--weight", type=non_negative_float, default=0.05, help="dCor penalty weight (seed: 0.05)")
+    parser.add_argument("--epochs", type=positive_int, default=8)
+    parser.add_argument("--eps", type=non_negative_float, nargs="+", default=list(DEFAULT_EPS))
+    parser.add_argument("--pgd-steps", type=positive_int, default=40)
+    parser.add_argument("--n-train", type=positive_int, default=None, help="training images (default: all 1,438)")
     parser.add_argument("--fast", action="store_true", help="1 seed, 2 models, 2 epochs, 2 radii, 10 PGD steps")
-    parser.add_argument("--out", type=Path, default=Path("runs/dcor_transfer_attacks"))
+    parser.add_argument("--out", type=new_directory, default=Path("runs/dcor_transfer_attacks"))
     parser.add_argument("--wandb", action="store_true", help="also log to an offline W&B run")
     args = parser.parse_args(argv)
     if args.size < 2:

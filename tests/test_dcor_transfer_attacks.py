@@ -141,4 +141,5 @@ def test_transfer_evaluation_and_result(tmp_path):
     stacked.log(Reporter(tmp_path / "report"), "transfer")
     assert (tmp_path / "report" / "figures" / "transfer.png").stat().st_size > 10_000
     assert (tmp_path / "report" / "tables" / "transfer_summary.csv").exists()
+    assert (tmp_path / "report" / "figures" / "transfer_pgd.png").exists()  # Reporter.log_line
     assert "transfer/independent/pgd_eps0.3" in (tmp_path / "report" / "metrics.csv").read_text()

@@ -175,9 +175,20 @@ class TransferAttackResult(AnalysisResult):
         return ax.figure, ax
 
     def log(self, reporter: ReporterLike, prefix: str) -> None:
-        """Scalars, the long table, the summary table (mean ± sd) and the figure."""
+        """Scalars, the long table, the summary table (mean ± sd) and the figure; with a reporter
+        that draws line charts (``log_line``, a native W&B chart), accuracy against eps for each
+        attack too."""
         super().log(reporter, prefix)
         reporter.log_frame(f"{prefix}_summary", self.summary_frame())
+        log_line = getattr(reporter, "log_line", None)
+        if log_line is None:
+            return
+        groups, acc = self.group_accuracy()
+        for attack in dict.fromkeys(a for a in self.attacks if a != "clean"):
+            cols = [0] + [c for c, a in enumerate(self.attacks) if a == attack]
+            log_line(f"{prefix}_{attack}", [self.eps[c] for c in cols],
+                     {group: (100 * acc[:, g, cols].mean(0)).tolist() for g, group in enumerate(groups)},
+                     xlabel="eps", ylabel="accuracy (%)", title=f"{attack.upper()} crafted on the source")
 
 
 def _mean_sd(values: np.ndarray, signed: bool = False) -> str:
