@@ -61,7 +61,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from lightning_tda import dcor as D
+from lightning_tda.dcor import functional as D
 
 _HERE = Path(__file__).resolve().parent
 # This file is named like the package it measures: keep its folder off the import path so that

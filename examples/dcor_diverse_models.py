@@ -29,8 +29,7 @@ from torch import nn
 
 from lightning_tda.arguments import non_negative_float, positive_float, positive_int
 from lightning_tda.data import DigitsDataModule
-from lightning_tda.dcor_metric import DistanceCorrelation
-from lightning_tda.dcor_penalty import DistanceCorrelationPenalty
+from lightning_tda.dcor import DistanceCorrelation, DistanceCorrelationPenalty
 from lightning_tda.models import DigitsCNN, ImageClassifier
 
 def new_directory_parent(text: str) -> str:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_tda import dcor as D
+from lightning_tda.dcor import functional as D
 
 dcor = pytest.importorskip("dcor")
 

@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_tda import dcor as D
-from lightning_tda.dcor_metric import DistanceCorrelation, PartialDistanceCorrelation
+from lightning_tda.dcor import functional as D
+from lightning_tda.dcor.metric import DistanceCorrelation, PartialDistanceCorrelation
 
 
 def _data(n=57, seed=0, dtype=torch.float64):
@@ -148,6 +148,6 @@ def test_ddp_two_processes_equal_single_process(tmp_path):
 def test_docstring_examples():
     import doctest
 
-    import lightning_tda.dcor_metric as module
+    import lightning_tda.dcor.metric as module
 
     assert doctest.testmod(module).failed == 0

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_tda import dcor as D
+from lightning_tda.dcor import functional as D
 from lightning_tda.data import DigitsDataModule
-from lightning_tda.dcor_penalty import DistanceCorrelationLoss, DistanceCorrelationPenalty, linear_warmup
+from lightning_tda.dcor.penalty import DistanceCorrelationLoss, DistanceCorrelationPenalty, linear_warmup
 from lightning_tda.models import DigitsCNN, ImageClassifier
 
 from conftest import trainer_kwargs
@@ -294,6 +294,6 @@ def test_diverse_from_is_the_seed_recipe(tmp_path):
 def test_docstring_examples():
     import doctest
 
-    import lightning_tda.dcor_penalty as module
+    import lightning_tda.dcor.penalty as module
 
     assert doctest.testmod(module).failed == 0

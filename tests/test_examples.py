@@ -8,7 +8,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # examples with a test file of their own (which checks their figures) run there
-OWN_TEST = {"cli_train.py": "test_cli_configs.py", "dcor_diverse_models.py": "test_example_dcor.py"}
+OWN_TEST = {
+    "cli_train.py": "test_cli_configs.py",
+    "dcor_diverse_models.py": "test_example_dcor.py",
+    "dcor_transfer_attacks.py": "test_example_dcor_recipes.py",
+    "dcor_layers.py": "test_example_dcor_recipes.py",
+    "dcor_conditioning.py": "test_example_dcor_recipes.py",
+}
 FAST_EXAMPLES = sorted(p.name for p in (REPO / "examples").glob("*.py") if p.name not in OWN_TEST)
 
 

@@ -1,4 +1,4 @@
-r"""torchmetrics faces of :mod:`lightning_tda.dcor`: distance correlation accumulated over an
+r"""torchmetrics faces of :mod:`lightning_tda.dcor.functional`: distance correlation accumulated over an
 evaluation set.
 
 dCor is not a mean over batches: it needs every sample at once. The metrics therefore keep the
@@ -19,7 +19,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from lightning_tda.dcor import DEFAULT_BLOCK_SIZE, Method, check_method, resolve_statistic
+from lightning_tda.dcor.functional import DEFAULT_BLOCK_SIZE, Method, check_method, resolve_statistic
 
 __all__ = ["DistanceCorrelation", "PartialDistanceCorrelation"]
 
@@ -104,7 +104,7 @@ class DistanceCorrelation(_FeatureAccumulator):
             (biased dCor, the default), ``"distance_correlation_sqr"``,
             ``"u_distance_correlation_sqr"`` (bias-corrected, needs ``n >= 4``), or the
             covariances.
-        method: ``"auto"``, ``"dense"`` or ``"blockwise"`` (see :mod:`lightning_tda.dcor`).
+        method: ``"auto"``, ``"dense"`` or ``"blockwise"`` (see :mod:`lightning_tda.dcor.functional`).
         block_size: tile size of the blockwise path (``None``: by device).
         kwargs: passed to :class:`torchmetrics.Metric` (``sync_on_compute``, ``process_group``...).
 

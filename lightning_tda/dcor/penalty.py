@@ -1,8 +1,8 @@
-r"""Distance correlation as a training objective: a loss term, and a wrapper that adds it to an
-existing LightningModule without editing the module.
+r"""Distance correlation as a training objective: a wrapper that adds it to an existing
+LightningModule without editing the module.
 
-:class:`DistanceCorrelationLoss` is a plain ``nn.Module``: add ``weight * loss(features, others)``
-to any loss.
+:class:`~lightning_tda.dcor.loss.DistanceCorrelationLoss` (importable from here too) is the plain
+``nn.Module`` term for any other training loop.
 
 :class:`DistanceCorrelationPenalty` is a ``LightningModule`` that wraps yours. A Lightning
 ``Callback`` cannot change the loss a training step returns, so the wrapper is the module the
@@ -23,13 +23,19 @@ The penalty compares the features of ``layer`` (in your module) with those of a 
 
 ``target="decorrelate"`` minimises the statistic (dCor by default squared, as in the seed's
 code), ``"correlate"`` minimises ``1 - statistic``. ``normalize=True`` L2-normalises each
-sample's features first (the seed's training setup). Logged each step, under ``log_prefix``:
-``dcor`` (the mean statistic, and ``dcor_<i>`` per reference when there are several),
-``weight`` and ``penalty``.
+sample's features first (the seed's training setup). With a ``signal`` (one-hot labels, or any
+function of the batch) the statistic is partial: the features and the signal, given each
+reference's features. Logged each step, under ``log_prefix``: ``dcor`` (the mean statistic;
+``pdcor`` for a partial one; and ``dcor_<i>`` / ``pdcor_<i>`` per reference when there are
+several), ``weight`` and ``penalty``.
 
-The recipe of Zhen et al. (ECCV 2022) for diverse models, each new model penalised by its mean
-squared dCor to the frozen earlier ones with weight 0.05 on L2-normalised features, is
-:meth:`DistanceCorrelationPenalty.diverse_from`.
+Two recipes of Zhen et al. (ECCV 2022) are one call each:
+
+- :meth:`DistanceCorrelationPenalty.diverse_from`: diverse models, each new model penalised by
+  its mean squared dCor to the frozen earlier ones with weight 0.05 on L2-normalised features;
+- :meth:`DistanceCorrelationPenalty.conditioned_on`: conditioning, a model trained to maximise
+  the partial dCor of its features with the labels given a frozen model's features (what it
+  learns beyond that model), weight 0.1 as in the seed's code.
 """
 
 from __future__ import annotations
@@ -45,164 +51,13 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
 from lightning_tda.data import BatchFn, BatchParser
-from lightning_tda.dcor import DEFAULT_BLOCK_SIZE, Method, check_method, resolve_statistic
+from lightning_tda.dcor._hooks import InputCapture, OutputCapture, find_layer
+from lightning_tda.dcor.functional import DEFAULT_BLOCK_SIZE, PARTIAL_STATISTICS, Method
+from lightning_tda.dcor.loss import DistanceCorrelationLoss, Signal, Target, linear_warmup
 
 __all__ = ["DistanceCorrelationLoss", "DistanceCorrelationPenalty", "linear_warmup"]
 
-Target = Literal["decorrelate", "correlate"]
-_TARGETS = ("decorrelate", "correlate")
-
-
-class DistanceCorrelationLoss(nn.Module):
-    r"""A distance-correlation loss term between a batch of features and one or more others.
-
-    ``loss(x, y)`` is ``statistic(x, y)`` for ``target="decorrelate"`` and
-    ``1 - statistic(x, y)`` for ``"correlate"``; with a list ``y = [y_1, ..., y_m]`` the
-    statistic is averaged over them first. Features are ``[batch, ...]`` (flattened), of any
-    widths.
-
-    Args:
-        statistic: a name from :data:`lightning_tda.dcor.STATISTICS`; the default
-            ``"distance_correlation_sqr"`` (biased squared dCor, in ``[0, 1]``, smooth at 0) is
-            what the seed's code penalises. ``"distance_correlation"`` has an unbounded gradient
-            near 0; ``"u_distance_correlation_sqr"`` is bias-corrected (may be negative).
-        target: ``"decorrelate"`` or ``"correlate"``.
-        normalize: L2-normalise each sample's flattened features first.
-        method, block_size: the functional path (:mod:`lightning_tda.dcor`).
-        check_finite: raise a clear error on NaN/inf features (one device sync per call).
-
-    Example:
-        >>> loss_fn = DistanceCorrelationLoss()
-        >>> x = torch.randn(32, 8, requires_grad=True)
-        >>> loss = loss_fn(x, torch.randn(32, 3))
-        >>> loss.backward()
-    """
-
-    def __init__(
-        self,
-        statistic: str = "distance_correlation_sqr",
-        target: Target = "decorrelate",
-        normalize: bool = False,
-        method: Method = "auto",
-        block_size: int | None = DEFAULT_BLOCK_SIZE,
-        check_finite: bool = True,
-    ) -> None:
-        super().__init__()
-        if target not in _TARGETS:
-            raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
-        check_method(method, block_size)
-        self.statistic = statistic
-        self._fn = resolve_statistic(statistic)
-        self.target = target
-        self.normalize = normalize
-        self.method = method
-        self.block_size = block_size
-        self.check_finite = check_finite
-
-    def values(self, x: Tensor, y: Tensor | Sequence[Tensor]) -> Tensor:
-        """The statistic between ``x`` and each of ``y``: shape ``[len(y)]`` (``[1]`` for one)."""
-        ys = [y] if isinstance(y, Tensor) else list(y)
-        if not ys:
-            raise ValueError("need at least one tensor to compare x with, got an empty sequence")
-        x = self._features(x)
-        return torch.stack(
-            [
-                self._fn(
-                    x, self._features(other), method=self.method, block_size=self.block_size,
-                    check_finite=self.check_finite,
-                )
-                for other in ys
-            ]
-        )
-
-    def loss_from_values(self, values: Tensor) -> Tensor:
-        """The loss for statistics ``values`` (from :meth:`values`)."""
-        mean = values.mean()
-        return mean if self.target == "decorrelate" else 1.0 - mean
-
-    def forward(self, x: Tensor, y: Tensor | Sequence[Tensor]) -> Tensor:
-        return self.loss_from_values(self.values(x, y))
-
-    def _features(self, t: Tensor) -> Tensor:
-        if not isinstance(t, Tensor):
-            raise TypeError(f"features must be tensors of shape [batch, ...], got {type(t).__name__}")
-        t = t.reshape(t.shape[0], -1) if t.ndim > 1 else t.reshape(-1, 1)
-        if self.normalize:
-            t = nn.functional.normalize(t, dim=1)
-        return t
-
-    def extra_repr(self) -> str:
-        return f"statistic={self.statistic!r}, target={self.target!r}, normalize={self.normalize}"
-
-
-def linear_warmup(weight: float, steps: int) -> Callable[[int], float]:
-    """A weight schedule for :class:`DistanceCorrelationPenalty`: ``weight * min(1, step / steps)``."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    return partial(_linear_warmup, float(weight), int(steps))
-
-
-def _linear_warmup(weight: float, steps: int, step: int) -> float:
-    return weight * min(1.0, step / steps)
-
-
-# ---------------------------------------------------------------------------------- hooks
-
-
-class _OutputCapture:
-    """Forward hook: keeps the output of the last call while enabled (the first tensor of a
-    tuple output)."""
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-        self.enabled = False
-        self.value: Tensor | None = None
-
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not self.enabled:
-            return
-        if isinstance(output, (tuple, list)):
-            output = next((o for o in output if isinstance(o, Tensor)), None)
-        if not isinstance(output, Tensor):
-            raise TypeError(
-                f"{self.where} returned {type(output).__name__}, not a tensor; hook a layer whose "
-                "output is a tensor (or a tuple holding one)"
-            )
-        self.value = output
-
-    def take(self) -> Tensor:
-        if self.value is None:
-            raise RuntimeError(
-                f"{self.where} was not called during the training step, so there are no features "
-                "to penalise; choose a layer the forward pass uses"
-            )
-        value, self.value = self.value, None
-        return value
-
-
-class _InputCapture:
-    """Forward pre-hook on the wrapped module: the positional and keyword arguments of its last
-    call while enabled (the reference models are run on them)."""
-
-    def __init__(self) -> None:
-        self.enabled = False
-        self.value: tuple[tuple, dict] | None = None
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.enabled:
-            self.value = (args, kwargs)
-
-
-def _find_layer(root: nn.Module, name: str, what: str) -> nn.Module:
-    names = [n for n, _ in root.named_modules()]
-    if not isinstance(name, str) or name not in names:
-        shown = ", ".join(repr(n) for n in names[:80])
-        more = f" and {len(names) - 80} more" if len(names) > 80 else ""
-        raise ValueError(
-            f"{what} has no layer {name!r}; the layers it has are: {shown}{more} "
-            "('' is the whole module's output)"
-        )
-    return root.get_submodule(name)
+# ---------------------------------------------------------------------------------- delegation
 
 
 def _accepted_args(fn: Callable, args: tuple) -> tuple:
@@ -258,7 +113,9 @@ class DistanceCorrelationPenalty(L.LightningModule):
 
     for ``target="decorrelate"`` (``1 - mean`` for ``"correlate"``), with :math:`f` the
     features of ``layer`` in the wrapped module and :math:`g_k` those of ``reference_layer`` in
-    the references, on the same batch.
+    the references, on the same batch. With a ``signal`` :math:`s` the term is partial:
+    :math:`\frac{1}{m} \sum_k \mathcal{R}^{*}\big(f(x), s; g_k(x)\big)`, what the module's
+    features say about the signal beyond each reference.
 
     Args:
         module: the LightningModule to train (automatic optimisation). Not modified: the wrapper
@@ -272,8 +129,13 @@ class DistanceCorrelationPenalty(L.LightningModule):
         target: ``"decorrelate"`` or ``"correlate"``.
         weight: the weight ``w``: a number, or a function of ``trainer.global_step`` (e.g.
             :func:`linear_warmup`).
-        statistic: a name from :data:`lightning_tda.dcor.STATISTICS`
-            (default ``"distance_correlation_sqr"``, the seed's choice).
+        statistic: a name from :data:`lightning_tda.dcor.STATISTICS` (default
+            ``"distance_correlation_sqr"``, the seed's choice), or with a ``signal`` one from
+            :data:`~lightning_tda.dcor.PARTIAL_STATISTICS` (default
+            ``"semi_partial_distance_correlation"``, what the seed's code maximises).
+        signal: ``None`` (a two-sample penalty), ``"labels"`` (the batch's labels, one-hot,
+            through ``batch_fn``) or a function ``batch -> [batch, ...]``: the penalty becomes
+            the partial statistic of the features and the signal given the references'.
         normalize: L2-normalise each sample's features first (the seed's setup).
         freeze_reference: references run in eval mode without gradient (default); ``False``
             trains them jointly: they stay in train mode and their parameters join the first
@@ -284,7 +146,7 @@ class DistanceCorrelationPenalty(L.LightningModule):
             function ``batch -> input``.
         batch_fn: how to split a batch into ``(x, y)`` for ``"batch"`` (default parser:
             tuples and ``{"x", "y"}`` mappings).
-        method, block_size: the functional path (:mod:`lightning_tda.dcor`).
+        method, block_size: the functional path (:mod:`lightning_tda.dcor.functional`).
         log_prefix: prefix of the logged names.
 
     Example:
@@ -303,7 +165,7 @@ class DistanceCorrelationPenalty(L.LightningModule):
         *,
         target: Target = "decorrelate",
         weight: float | Callable[[int], float] = 0.05,
-        statistic: str = "distance_correlation_sqr",
+        statistic: str | None = None,
         normalize: bool = False,
         freeze_reference: bool = True,
         reference_input: Literal["auto", "forward", "batch"] | Callable[[Any], Any] = "auto",
@@ -311,6 +173,7 @@ class DistanceCorrelationPenalty(L.LightningModule):
         method: Method = "auto",
         block_size: int | None = DEFAULT_BLOCK_SIZE,
         log_prefix: str = "dcor_penalty",
+        signal: Signal | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(module, L.LightningModule):
@@ -356,24 +219,26 @@ class DistanceCorrelationPenalty(L.LightningModule):
         self.weight = weight
         self.reference_input = reference_input
         self.parser = BatchParser(batch_fn=batch_fn)
+        statistic = _check_signal(signal, statistic)
+        self.signal = signal
         self.loss_fn = DistanceCorrelationLoss(
             statistic=statistic, target=target, normalize=normalize, method=method, block_size=block_size
         )
         self.log_prefix = log_prefix
 
-        self._capture = _OutputCapture(f"layer {layer!r} of the wrapped module")
-        self._handles = [_find_layer(module, layer, "the wrapped module").register_forward_hook(self._capture)]
+        self._capture = OutputCapture(f"layer {layer!r} of the wrapped module")
+        self._handles = [find_layer(module, layer, "the wrapped module").register_forward_hook(self._capture)]
         if refs:
-            self._ref_captures = [_OutputCapture(f"layer {self.reference_layer!r} of reference {i}")
+            self._ref_captures = [OutputCapture(f"layer {self.reference_layer!r} of reference {i}")
                                   for i in range(len(refs))]
             for i, (r, cap) in enumerate(zip(refs, self._ref_captures)):
-                target_layer = _find_layer(r, self.reference_layer, f"reference {i} ({type(r).__name__})")
+                target_layer = find_layer(r, self.reference_layer, f"reference {i} ({type(r).__name__})")
                 self._handles.append(target_layer.register_forward_hook(cap))
         else:
-            self._ref_captures = [_OutputCapture(f"layer {self.reference_layer!r} of the wrapped module")]
-            target_layer = _find_layer(module, self.reference_layer, "the wrapped module")
+            self._ref_captures = [OutputCapture(f"layer {self.reference_layer!r} of the wrapped module")]
+            target_layer = find_layer(module, self.reference_layer, "the wrapped module")
             self._handles.append(target_layer.register_forward_hook(self._ref_captures[0]))
-        self._inputs = _InputCapture()
+        self._inputs = InputCapture()
         self._handles.append(module.register_forward_pre_hook(self._inputs, with_kwargs=True))
 
         for name in _DELEGATED_HOOKS:
@@ -386,6 +251,7 @@ class DistanceCorrelationPenalty(L.LightningModule):
                     "layer": layer, "reference_layer": self.reference_layer, "references": len(refs),
                     "target": target, "weight": weight if not callable(weight) else repr(weight),
                     "statistic": statistic, "normalize": normalize, "freeze_reference": freeze_reference,
+                    "signal": signal if signal is None or isinstance(signal, str) else repr(signal),
                 },
                 **dict(module.hparams),
             }
@@ -409,6 +275,30 @@ class DistanceCorrelationPenalty(L.LightningModule):
         )
         settings.update(kwargs)
         return cls(module, layer, earlier, reference_layer, **settings)
+
+    @classmethod
+    def conditioned_on(
+        cls,
+        module: L.LightningModule,
+        given: nn.Module | Sequence[nn.Module],
+        layer: str,
+        reference_layer: str | None = None,
+        signal: Signal = "labels",
+        **kwargs: Any,
+    ) -> "DistanceCorrelationPenalty":
+        r"""The conditioning recipe of Zhen et al. (2022) (their ViT given a ResNet): train
+        ``module`` to maximise what its features of ``layer`` say about ``signal`` beyond the
+        frozen ``given`` model's features, the semi-partial dCor
+        :math:`\mathcal{R}^{*}\big((f \mid g), s\big)`, added as ``weight * (1 - value)``
+        with weight 0.1 (the seed's code subtracts ``0.1 * value`` from the cross-entropy: the
+        same gradient). Features are not normalised (as there). ``kwargs`` override any
+        setting."""
+        settings: dict[str, Any] = dict(
+            target="correlate", weight=0.1, statistic="semi_partial_distance_correlation",
+            normalize=False, freeze_reference=True, signal=signal, log_prefix="dcor_conditioning",
+        )
+        settings.update(kwargs)
+        return cls(module, layer, given, reference_layer, **settings)
 
     # ------------------------------------------------------------------ delegation
 
@@ -467,14 +357,19 @@ class DistanceCorrelationPenalty(L.LightningModule):
                 cap.enabled, cap.value = False, None
 
         weight = self.current_weight()
-        values = self.loss_fn.values(features, reference_features)
+        if self.signal is None:
+            values = self.loss_fn.values(features, reference_features)
+        else:
+            signal = self._signal(args[0] if args else kwargs["batch"], features)
+            values = self.loss_fn.values(features, signal, given=reference_features)
         penalty = self.loss_fn.loss_from_values(values)
         prefix = self.log_prefix
+        name = "pdcor" if self.signal is not None else "dcor"
         batch_size = features.shape[0]
-        self.log(f"{prefix}/dcor", values.mean().detach(), prog_bar=True, batch_size=batch_size)
+        self.log(f"{prefix}/{name}", values.mean().detach(), prog_bar=True, batch_size=batch_size)
         if len(values) > 1:
             for i, v in enumerate(values.detach()):
-                self.log(f"{prefix}/dcor_{i}", v, batch_size=batch_size)
+                self.log(f"{prefix}/{name}_{i}", v, batch_size=batch_size)
         self.log(f"{prefix}/weight", weight, batch_size=batch_size)
         self.log(f"{prefix}/penalty", penalty.detach(), batch_size=batch_size)
         if isinstance(out, Tensor):
@@ -485,6 +380,24 @@ class DistanceCorrelationPenalty(L.LightningModule):
             "the wrapped training_step must return a loss tensor, a dict with 'loss', or None; "
             f"got {type(out).__name__}"
         )
+
+    def _signal(self, batch: Any, features: Tensor) -> Tensor:
+        """The signal of a partial penalty for ``batch``: one-hot labels, or the user's function."""
+        if callable(self.signal):
+            signal = self.signal(batch)
+            if not isinstance(signal, Tensor):
+                raise TypeError(f"signal(batch) must return a tensor [batch, ...], got {type(signal).__name__}")
+            return signal.to(features.device)
+        labels = self.parser(batch)[1]
+        if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.is_floating_point():
+            shown = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+            raise TypeError(
+                f"signal='labels' needs integer class labels of shape [batch], got {shown}; pass "
+                "signal=lambda batch: tensor for another signal"
+            )
+        # one-hot rows are at distance sqrt(2) or 0 whatever the width, so the number of classes
+        # in this batch is enough
+        return nn.functional.one_hot(labels.long()).to(device=features.device, dtype=torch.float32)
 
     def _reference_inputs(self, batch: Any) -> tuple[tuple, dict]:
         mode = self.reference_input
@@ -518,6 +431,25 @@ class DistanceCorrelationPenalty(L.LightningModule):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _check_signal(signal: Any, statistic: str | None) -> str:
+    """The statistic to use with ``signal``, or a clear error for a pair that does not fit."""
+    if not (signal is None or signal == "labels" or callable(signal)):
+        raise ValueError(f"signal must be None, 'labels' or a function batch -> tensor, got {signal!r}")
+    if statistic is None:
+        return "distance_correlation_sqr" if signal is None else "semi_partial_distance_correlation"
+    if signal is not None and statistic not in PARTIAL_STATISTICS:
+        raise ValueError(
+            f"a signal makes the penalty partial: statistic must be one of {sorted(PARTIAL_STATISTICS)}, "
+            f"got {statistic!r}"
+        )
+    if signal is None and statistic in PARTIAL_STATISTICS:
+        raise ValueError(
+            f"statistic {statistic!r} is partial: pass signal='labels' (or a function batch -> tensor) "
+            "to say what the features should correlate with beyond the references"
+        )
+    return statistic
 
 
 def _first_optimizer(config: Any) -> torch.optim.Optimizer | None:

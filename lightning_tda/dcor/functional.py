@@ -77,6 +77,7 @@ __all__ = [
     "partial_distance_correlation",
     "semi_partial_distance_correlation",
     "distance_terms",
+    "correlations_from_terms",
     "check_method",
     "STATISTICS",
     "PARTIAL_STATISTICS",
@@ -447,6 +448,20 @@ def _products(
     xs = _prepare(named, 4 if bias_corrected else 2, what, check_finite)
     s, r = distance_terms(*xs, method=method, block_size=block_size)
     return _centred_products(s, r, xs[0].shape[0], bias_corrected), xs[0].dtype
+
+
+def correlations_from_terms(s: Tensor, r: Tensor, n: int, *, bias_corrected: bool = False) -> Tensor:
+    r"""Every pairwise correlation of ``k`` inputs from their :func:`distance_terms`: ``[k, k]``.
+
+    The squared distance correlations :math:`\mathcal{R}^2_n` (``bias_corrected=False``; take
+    the square root for dCor) or the bias-corrected :math:`\mathcal{R}^{*}_n` (``True``, needs
+    ``n >= 4``), as :func:`distance_correlation_sqr` gives for each pair; 0 where an input is
+    constant. One pass over the distance tiles of ``k`` inputs thus gives all ``k^2`` values (the
+    layer-by-layer comparison of two networks uses it), instead of a pass per pair.
+    """
+    p = _centred_products(s, r, n, bias_corrected)
+    d = p.diagonal()
+    return _safe_div(p, _safe_sqrt((d[:, None] * d[None, :]).abs()))
 
 
 # ---------------------------------------------------------------------------------- estimators
