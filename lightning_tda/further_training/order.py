@@ -43,7 +43,8 @@ def epoch_steps(epochs: Sequence[int] | int, n: int, batch_size: int | None) -> 
 
 class BatchOrder:
     """The batches of one seed: :meth:`batch` ``(t)`` is the tensor of example positions of global
-    step ``t`` (module docstring). Permutations are cached one epoch at a time."""
+    step ``t`` (module docstring; with full batches, ``0..n-1`` in order). Permutations are
+    cached one epoch at a time."""
 
     def __init__(self, n: int, batch_size: int | None, seed: int) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -69,6 +70,8 @@ class BatchOrder:
 
     def batch(self, step: int) -> Tensor:
         """Example positions of global step ``step`` (0-based) in the full run."""
+        if self.batch_size >= self.n:  # full batch: every step is the whole set (order is moot)
+            return torch.arange(self.n)
         epoch, slot = divmod(int(step), self.per_epoch)
         b = self.batch_size
         return self.permutation(epoch)[slot * b : (slot + 1) * b]

@@ -118,6 +118,10 @@ class Replicas(nn.Module):
 
     def per_example_losses(self, outputs: Tensor, y: Tensor) -> Tensor:
         """``[copies, batch]`` losses of stacked outputs ``[copies, batch, ...]`` on shared targets."""
+        if self.loss_fn is cross_entropy and outputs.ndim == 3 and y.ndim == 1:
+            # per-example losses do not depend on the batch: one call on the flattened copies
+            copies, b = outputs.shape[:2]
+            return cross_entropy(outputs.reshape(copies * b, -1), y.repeat(copies)).view(copies, b)
         return run_vmapped(lambda out, yy: self.loss_fn(out, yy), (0, None), "error", outputs, y)
 
     def step(
