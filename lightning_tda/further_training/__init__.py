@@ -17,12 +17,14 @@ approximate.
 """
 
 from lightning_tda.further_training.gold import further_training_scores, load_final_model
+from lightning_tda.further_training.module import FurtherTraining
 from lightning_tda.further_training.order import BatchOrder, SameOrderBatchSampler, epoch_steps, steps_per_epoch
 from lightning_tda.further_training.result import FurtherTrainingResult
 from lightning_tda.further_training.settings import FurtherTrainingSettings
 
 __all__ = [
     "BatchOrder",
+    "FurtherTraining",
     "FurtherTrainingResult",
     "FurtherTrainingSettings",
     "SameOrderBatchSampler",

@@ -9,6 +9,8 @@ accumulated. Everything is a function of ``t``, so a resumed computation continu
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -66,9 +68,12 @@ class FurtherTrainingRun(nn.Module):
         index = self.orders[slot].batch(k).to(self.x_train.device)
         return self.x_train[index], self.y_train[index], index
 
-    def advance(self, t: int, optimizer: torch.optim.Optimizer, backward=None) -> Tensor:  # type: ignore[no-untyped-def]
+    def advance(
+        self, t: int, optimizer: torch.optim.Optimizer, backward: Callable[[Tensor], None] | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """Run global step ``t``: restart at a seed's first step, one step of every copy, and
-        the evaluation when the step is in the schedule. Returns the copies' batch losses."""
+        the evaluation when the step is in the schedule. Returns the copies' batch losses
+        ``[1 + m]`` and, after an evaluation, that seed's differences ``[n_test, m]``."""
         if not 0 <= t < self.total_steps:
             raise IndexError(f"step {t} is outside the computation's {self.total_steps} steps")
         slot, k = divmod(int(t), self.horizon)
@@ -76,9 +81,8 @@ class FurtherTrainingRun(nn.Module):
             self.replicas.reset(optimizer)
         x, y, index = self.batch(t)
         losses = self.replicas.step(x, y, index, optimizer, backward)
-        if k + 1 in self.slot_of_step:
-            self.evaluate(slot, self.slot_of_step[k + 1])
-        return losses
+        diffs = self.evaluate(slot, self.slot_of_step[k + 1]) if k + 1 in self.slot_of_step else None
+        return losses, diffs
 
     @torch.no_grad()
     def evaluate(self, seed_slot: int, step_slot: int) -> Tensor:
