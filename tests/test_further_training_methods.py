@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_further_training_convex import WD, problem  # noqa: F401  (the fixture)
 
+from lightning_tda.attribution import InfluenceProblem
 from lightning_tda.further_training import further_training_scores
 from lightning_tda.further_training.datainf import datainf_scores
 from lightning_tda.further_training.methods import final_model_scores, loss_gradients, method_label
@@ -100,3 +101,14 @@ def test_kronfluence_ekfac_carries_the_gold_standards_sign(problem):  # noqa: F8
                                 weight_decay=WD, progress=False)
     for key in ("ekfac", "ekfac:heuristic"):
         assert row_cosine(scores["influence_exact:1e-06"], scores[key]) > 0.9, key
+
+
+def test_blockwise_hessian_equals_torch_func_hessian(problem):  # noqa: F811
+    from lightning_tda.further_training.methods import BlockwiseInfluenceProblem
+
+    final, train, test = problem
+    args = (final, train.images, train.targets, test.images, test.targets)
+    blockwise = BlockwiseInfluenceProblem(*args, output="loss", weight_decay=WD)
+    blockwise.block = 3  # several blocks for 10 parameters
+    reference = InfluenceProblem(*args, output="loss", weight_decay=WD).hessian()
+    np.testing.assert_allclose(blockwise.hessian(), reference, rtol=1e-10, atol=1e-12)

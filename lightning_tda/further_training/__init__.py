@@ -16,7 +16,11 @@ approximate.
 - :func:`further_training_check` (``demo.py``): everything on a handful of digits in seconds.
 """
 
+from lightning_tda.further_training.compare import ComparisonResult, compare
+from lightning_tda.further_training.datainf import datainf_scores
+from lightning_tda.further_training.demo import further_training_check
 from lightning_tda.further_training.gold import further_training_scores, load_final_model
+from lightning_tda.further_training.methods import final_model_scores, method_label
 from lightning_tda.further_training.module import FurtherTraining
 from lightning_tda.further_training.order import BatchOrder, SameOrderBatchSampler, epoch_steps, steps_per_epoch
 from lightning_tda.further_training.result import FurtherTrainingResult
@@ -24,12 +28,18 @@ from lightning_tda.further_training.settings import FurtherTrainingSettings
 
 __all__ = [
     "BatchOrder",
+    "ComparisonResult",
     "FurtherTraining",
     "FurtherTrainingResult",
     "FurtherTrainingSettings",
     "SameOrderBatchSampler",
+    "compare",
+    "datainf_scores",
     "epoch_steps",
+    "final_model_scores",
+    "further_training_check",
     "further_training_scores",
     "load_final_model",
+    "method_label",
     "steps_per_epoch",
 ]

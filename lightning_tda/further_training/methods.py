@@ -95,6 +95,21 @@ def margin_features(model: nn.Module, x: Tensor, y: Tensor, proj_dim: int, seed:
     return phi, out_to_loss_from_logits(engine.last_logits.double(), y)
 
 
+class BlockwiseInfluenceProblem(InfluenceProblem):
+    """:class:`~lightning_tda.attribution.InfluenceProblem` whose explicit Hessian is assembled
+    from Hessian-vector products a block of columns at a time, so its memory is that of
+    ``block`` products instead of ``p`` at once (``torch.func.hessian``); the same matrix."""
+
+    block: int = 128
+
+    def hessian(self) -> Tensor:
+        p = self.theta.numel()
+        eye = torch.eye(p, dtype=self.theta.dtype, device=self.theta.device)
+        columns = [self.hvp(eye[:, start : start + self.block]) for start in range(0, p, self.block)]
+        h = torch.cat(columns, dim=1)
+        return 0.5 * (h + h.T)
+
+
 def _feature_record(phi: Tensor, q: Tensor, split: str) -> FeatureRecord:
     return FeatureRecord("final model", "final", split, 0, 1.0, phi, q)
 
@@ -136,7 +151,7 @@ def final_model_scores(
     train_dataset: Dataset,
     test_dataset: Dataset,
     instances: Sequence[int] | Tensor,
-    methods: Sequence[str] = ("grad_dot", "grad_cos", "influence_cg", "trak", "datainf"),
+    methods: Sequence[str] = ("grad_dot", "grad_cos", "influence_exact", "trak", "datainf"),
     *,
     weight_decay: float = 0.0,
     damping_factors: Sequence[float] = (0.1, 1.0, 10.0),
@@ -194,7 +209,7 @@ def final_model_scores(
                 solver = family.removeprefix("influence_")
                 problem = cache.get("problem")
                 if problem is None:
-                    problem = cache["problem"] = InfluenceProblem(
+                    problem = cache["problem"] = BlockwiseInfluenceProblem(
                         copy.deepcopy(final).double(), x_train.double() if x_train.is_floating_point() else x_train,
                         y_train, x_test.double() if x_test.is_floating_point() else x_test, y_test,
                         output="loss", weight_decay=weight_decay,
