@@ -103,11 +103,15 @@ class BlockwiseInfluenceProblem(InfluenceProblem):
     block: int = 128
 
     def hessian(self) -> Tensor:
+        cached = self.__dict__.get("_hessian")
+        if cached is not None:  # one Hessian serves the whole damping sweep
+            return cached.clone()
         p = self.theta.numel()
         eye = torch.eye(p, dtype=self.theta.dtype, device=self.theta.device)
         columns = [self.hvp(eye[:, start : start + self.block]) for start in range(0, p, self.block)]
         h = torch.cat(columns, dim=1)
-        return 0.5 * (h + h.T)
+        self.__dict__["_hessian"] = 0.5 * (h + h.T)
+        return self.__dict__["_hessian"].clone()
 
 
 def _feature_record(phi: Tensor, q: Tensor, split: str) -> FeatureRecord:
