@@ -89,3 +89,19 @@ def test_the_fast_digits_check_runs_end_to_end():
     cos, _ = result.statistic("cosine")
     assert cos.shape == (2, 2) and np.isfinite(cos).all()
     assert (cos[0] > 0.3).all()  # Grad-Dot agrees with further training at small K on digits
+
+
+def test_the_example_runs_on_breast_cancer(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "further_training.py"
+    spec = importlib.util.spec_from_file_location("further_training_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    summary = example.main(["--fast", "--dataset", "breast_cancer", "--out", str(tmp_path / "bc")])
+    assert summary["n_train"] == 455 and summary["n_test"] == 16 and summary["seeds"] == 2
+    assert (tmp_path / "bc" / "report" / "figures" / "further_training.png").exists()
+    assert (tmp_path / "bc" / "cosine.md").read_text().startswith("| method |")
+    with pytest.raises(SystemExit, match="--epochs must be >= 1"):
+        example.main(["--epochs", "0", "--out", str(tmp_path / "bad")])

@@ -112,3 +112,14 @@ def test_blockwise_hessian_equals_torch_func_hessian(problem):  # noqa: F811
     blockwise.block = 3  # several blocks for 10 parameters
     reference = InfluenceProblem(*args, output="loss", weight_decay=WD).hessian()
     np.testing.assert_allclose(blockwise.hessian(), reference, rtol=1e-10, atol=1e-12)
+
+
+def test_blockwise_problem_serves_hessian_vector_products_from_the_assembled_hessian(problem):  # noqa: F811
+    from lightning_tda.further_training.methods import BlockwiseInfluenceProblem
+
+    final, train, test = problem
+    args = (final, train.images, train.targets, test.images, test.targets)
+    v = torch.randn(10, 3, dtype=torch.float64)
+    reference = InfluenceProblem(*args, output="loss", weight_decay=WD).hvp(v)
+    np.testing.assert_allclose(BlockwiseInfluenceProblem(*args, output="loss", weight_decay=WD).hvp(v), reference,
+                               rtol=1e-10, atol=1e-12)

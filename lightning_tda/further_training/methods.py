@@ -36,6 +36,7 @@ damping is ``f`` times its mean squared gradient entry (DataInf's own default is
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -96,22 +97,30 @@ def margin_features(model: nn.Module, x: Tensor, y: Tensor, proj_dim: int, seed:
 
 
 class BlockwiseInfluenceProblem(InfluenceProblem):
-    """:class:`~lightning_tda.attribution.InfluenceProblem` whose explicit Hessian is assembled
-    from Hessian-vector products a block of columns at a time, so its memory is that of
-    ``block`` products instead of ``p`` at once (``torch.func.hessian``); the same matrix."""
+    """:class:`~lightning_tda.attribution.InfluenceProblem` for small models that assembles the
+    explicit Hessian once, from Hessian-vector products a block of columns at a time (the memory
+    of ``block`` products instead of ``p`` at once in ``torch.func.hessian``), and then serves
+    every Hessian-vector product of CG and LiSSA as a product with it: the same products (to
+    rounding), at ``p^2`` operations a column instead of a pass over the training set."""
 
     block: int = 128
 
     def hessian(self) -> Tensor:
         cached = self.__dict__.get("_hessian")
-        if cached is not None:  # one Hessian serves the whole damping sweep
+        if cached is not None:  # one Hessian serves the whole damping sweep and every solver
             return cached.clone()
         p = self.theta.numel()
         eye = torch.eye(p, dtype=self.theta.dtype, device=self.theta.device)
-        columns = [self.hvp(eye[:, start : start + self.block]) for start in range(0, p, self.block)]
+        columns = [super(BlockwiseInfluenceProblem, self).hvp(eye[:, start : start + self.block])
+                   for start in range(0, p, self.block)]
         h = torch.cat(columns, dim=1)
         self.__dict__["_hessian"] = 0.5 * (h + h.T)
         return self.__dict__["_hessian"].clone()
+
+    def hvp(self, v: Tensor) -> Tensor:
+        if self.__dict__.get("_hessian") is None:
+            self.hessian()
+        return self.__dict__["_hessian"] @ v
 
 
 def _feature_record(phi: Tensor, q: Tensor, split: str) -> FeatureRecord:
@@ -234,7 +243,12 @@ def final_model_scores(
                 scores = torch.as_tensor(ekfac_scores(
                     final, x_train, y_train, x_test, y_test, columns, heuristic_damping=key.endswith(":heuristic"),
                 ))
-            out[key] = scores.double().cpu().numpy()
+            values = scores.double().cpu().numpy()
+            if not np.isfinite(values).all():
+                warnings.warn(f"{key}: non-finite scores (the solver diverged, e.g. LiSSA or CG on an "
+                              "indefinite Hessian with too little damping); left out", RuntimeWarning, stacklevel=2)
+                continue
+            out[key] = values
     finally:
         final.train(was_training)
     return out
