@@ -115,7 +115,7 @@ class ComparisonResult(AnalysisResult):
         from matplotlib.figure import Figure
 
         if ax is None:
-            fig = Figure(figsize=(7.5, 4.6))
+            fig = Figure(figsize=(9.0, 4.6))
             ax = fig.add_subplot(1, 1, 1)
         else:
             fig = ax.figure
@@ -128,8 +128,11 @@ class ComparisonResult(AnalysisResult):
         for a, label in enumerate(self.labels):
             ax.errorbar(x, mean[a], yerr=np.nan_to_num(sem[a]), marker=markers[a % len(markers)], markersize=4,
                         capsize=2, linewidth=1.3, label=label)
-        if len(x) > 1 and x[-1] / max(x[0], 1e-12) > 20:
+        if len(x) > 1 and x[-1] / max(x[0], 1e-12) > 100:
             ax.set_xscale("log")
+            from matplotlib.ticker import ScalarFormatter
+
+            ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.axhline(0.0, color="grey", linewidth=0.6)
         ax.set_xlabel("further-training epochs" if epochs else "further-training steps K")
         ax.set_ylabel(f"{metric} with further training (mean over test)")
@@ -138,7 +141,7 @@ class ComparisonResult(AnalysisResult):
             f"{metric}: gradient methods vs further training ({self.n_seeds} seeds, "
             f"{'centred' if self.centered else 'not centred'}, {s.get('optimizer')} lr={s.get('lr')})", fontsize=9,
         )
-        ax.legend(fontsize=7, loc="best", ncol=2 if len(self.labels) > 6 else 1)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         return fig, ax
 
