@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> str:
         notes.append(
             f"{threads} thread(s): seconds per replica ours {spread(per['ours'])}, FurtherTraining {spread(per['module'])}, "
             f"Lightning {spread(per['lightning'])}, plain {spread(per['plain'])}; max |ours - baseline| test-loss "
-            f"difference {res['diffs']['lightning']:.1e} (Lightning), {res['diffs']['plain']:.1e} (plain)"
+            f"difference {res['diffs']['lightning']:.1e} (Lightning), {res['diffs']['plain']:.1e} (plain; 0 = bitwise equal)"
         )
     table = markdown_table(header, rows)
     text = (
