@@ -88,7 +88,7 @@ def train_final_model(args: argparse.Namespace, train, in_features: int, classes
     trainer = L.Trainer(
         max_epochs=args.train_epochs, logger=False, enable_checkpointing=False, enable_model_summary=False,
         enable_progress_bar=False, default_root_dir=str(store_dir.parent),
-        callbacks=[CheckpointRecorder(store_dir, every_n_epochs=None, on_fit_end=True)],
+        callbacks=[CheckpointRecorder(store_dir, every_n_epochs=None, on_fit_end=True, overwrite=True)],
     )
     trainer.fit(module, train_dataloaders=DataLoader(train, batch_size=args.batch_size, shuffle=True))
     return RunStore(store_dir)
