@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_further_training_convex import WD, problem  # noqa: F401  (the fixture)
 
-from lightning_tda.attribution import InfluenceProblem
+from lightning_tda.attribution import InfluenceProblem, influence_scores
 from lightning_tda.further_training import further_training_scores
 from lightning_tda.further_training.datainf import datainf_scores
 from lightning_tda.further_training.methods import final_model_scores, loss_gradients, method_label
@@ -123,3 +123,20 @@ def test_blockwise_problem_serves_hessian_vector_products_from_the_assembled_hes
     reference = InfluenceProblem(*args, output="loss", weight_decay=WD).hvp(v)
     np.testing.assert_allclose(BlockwiseInfluenceProblem(*args, output="loss", weight_decay=WD).hvp(v), reference,
                                rtol=1e-10, atol=1e-12)
+
+
+def test_influence_on_the_test_loss_and_on_the_test_margin_differ_in_sign_and_weighting(problem):  # noqa: F811
+    # d loss_z = -q_z d margin_z with q_z = 1 - p_y: the up-weighting influence on the loss is minus
+    # q_z times the influence on the margin, so a helpful instance lowers the loss and raises the margin
+    from lightning_tda.outputs import out_to_loss_from_logits
+
+    final, train, test = problem
+    args = (final, train.images, train.targets, test.images, test.targets)
+    on_loss = influence_scores(InfluenceProblem(*args, output="loss", weight_decay=WD), damping=0.0)
+    on_margin = influence_scores(InfluenceProblem(*args, output="margin", weight_decay=WD), damping=0.0)
+    q = out_to_loss_from_logits(final(test.images).detach(), test.targets)
+    np.testing.assert_allclose(on_loss, -q[:, None] * on_margin, rtol=1e-8, atol=1e-14)
+    # and the gold standard's convention is minus the loss influence
+    scores = final_model_scores(final, train, test, list(range(40)), ("influence_exact:1e-12",), weight_decay=WD,
+                                progress=False)["influence_exact:1e-12"]
+    np.testing.assert_allclose(scores, -on_loss.numpy(), rtol=1e-6, atol=1e-12)
