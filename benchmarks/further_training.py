@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Subset
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine, markdown_table, ratio_spread, spread, today  # noqa: E402
 
+from lightning_tda.arguments import positive_int  # noqa: E402
 from lightning_tda.data import DigitsDataModule  # noqa: E402
 from lightning_tda.further_training import (  # noqa: E402
     FurtherTraining,
@@ -128,15 +129,12 @@ def measure(threads: int, final, train, test, instances, baseline_instances, ste
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run (a test runs it)")
-    parser.add_argument("--instances", type=int, default=64, help="leave-one-out replicas batched")
-    parser.add_argument("--baseline-instances", type=int, default=8, help="replicas run sequentially")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--instances", type=positive_int, default=64, help="leave-one-out replicas batched")
+    parser.add_argument("--baseline-instances", type=positive_int, default=8, help="replicas run sequentially")
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2])
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    for name in ("instances", "baseline_instances", "repeats"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     quiet()
     dm = DigitsDataModule()
     dm.setup()

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from lightning_tda.arguments import new_directory, non_negative_float, positive_float, positive_int
 from lightning_tda.callbacks import CheckpointRecorder
 from lightning_tda.data import DigitsDataModule, TensorImageDataset
 from lightning_tda.further_training import (
@@ -103,17 +104,6 @@ def accuracy(model: torch.nn.Module, data) -> float:
         return float((model(data.images).argmax(1) == data.targets).float().mean())
 
 
-def check_args(args: argparse.Namespace) -> None:
-    for name in ("epochs", "seeds", "instances", "test", "train_epochs", "hidden", "batch_size", "threads"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("lr", "train_lr"):
-        if not getattr(args, name) > 0:
-            raise SystemExit(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    if args.weight_decay < 0:
-        raise SystemExit(f"--weight-decay must be >= 0, got {args.weight_decay}")
-
-
 def markdown(frame, value: str) -> str:
     """A methods x epochs table of ``value`` (mean +- SEM)."""
     table = frame.pivot(index="label", columns="epoch", values=value)
@@ -130,28 +120,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=("digits", "breast_cancer"), default="digits")
     parser.add_argument("--fast", action="store_true", help="a seconds-long smoke run")
-    parser.add_argument("--epochs", type=int, default=25, help="further-training epochs (evaluated after each)")
-    parser.add_argument("--seeds", type=int, default=20, help="seeds (batch orders) averaged over")
-    parser.add_argument("--instances", type=int, default=100, help="left-out training instances")
-    parser.add_argument("--test", type=int, default=100, help="test examples")
-    parser.add_argument("--lr", type=float, default=0.01, help="further-training learning rate (SGD)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 64 (digits), 32 (breast_cancer)")
-    parser.add_argument("--train-epochs", type=int, default=None, help="final model: default 30 (digits), 100 (bc)")
-    parser.add_argument("--train-lr", type=float, default=0.05)
-    parser.add_argument("--weight-decay", type=float, default=5e-4, help="in training and further training")
-    parser.add_argument("--hidden", type=int, default=32, help="MLP width (two hidden layers)")
+    parser.add_argument("--epochs", type=positive_int, default=25, help="further-training epochs (evaluated after each)")
+    parser.add_argument("--seeds", type=positive_int, default=20, help="seeds (batch orders) averaged over")
+    parser.add_argument("--instances", type=positive_int, default=100, help="left-out training instances")
+    parser.add_argument("--test", type=positive_int, default=100, help="test examples")
+    parser.add_argument("--lr", type=positive_float, default=0.01, help="further-training learning rate (SGD)")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="default: 64 (digits), 32 (breast_cancer)")
+    parser.add_argument("--train-epochs", type=positive_int, default=None, help="final model: default 30 (digits), 100 (bc)")
+    parser.add_argument("--train-lr", type=positive_float, default=0.05)
+    parser.add_argument("--weight-decay", type=non_negative_float, default=5e-4, help="in training and further training")
+    parser.add_argument("--hidden", type=positive_int, default=32, help="MLP width (two hidden layers)")
     parser.add_argument("--methods", nargs="+", default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="default runs/further_training/<dataset>")
+    parser.add_argument("--out", type=new_directory, default=None, help="default runs/further_training/<dataset>")
     parser.add_argument("--wandb", action="store_true", help="also log to W&B (offline unless logged in)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads")
     args = parser.parse_args(argv)
     digits = args.dataset == "digits"
     args.batch_size = args.batch_size or (64 if digits else 32)
     args.train_epochs = args.train_epochs or (30 if digits else 100)
     if args.fast:
         args.epochs, args.seeds, args.instances, args.test, args.train_epochs = 2, 2, 8, 16, 3
-    check_args(args)
     methods = tuple(args.methods or (FAST_METHODS if args.fast else FULL_METHODS))
     out = args.out or Path("runs/further_training") / args.dataset
     out.mkdir(parents=True, exist_ok=True)
