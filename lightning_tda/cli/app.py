@@ -28,9 +28,10 @@ class UsageError(ValueError):
 
 
 def _commands() -> dict[str, Callable[..., Any]]:
-    from lightning_tda.cli import analyses, scale
+    from lightning_tda.cli import analyses, demo, scale
 
     return {
+        "demo": demo.demo,
         "attribute": analyses.attribute,
         "lds": analyses.lds_command,
         "diversity": analyses.diversity_command,
