@@ -179,7 +179,9 @@ def test_equals_separate_trainings(name, dataset, tmp_path):
     fit(ens, dataset, tmp_path)
     for m in range(M):
         ref = reference(tiny, seeds[m], dataset, masks[m], weights[m], **hp)
-        assert_same_state(ens.member(m), ref)
+        # float32 over 2 epochs at lr 0.1 with momentum: rounding of the batched and the plain
+        # step (summation order) grows to ~1e-6 on a few weights; a wrong step is off by >1e-2
+        assert_same_state(ens.member(m), ref, rtol=1e-4, atol=5e-6)
     assert not torch.allclose(ens.member(0).fc.weight, ens.member(1).fc.weight)
 
 
