@@ -36,6 +36,7 @@ that estimate from the growth measured at the reduced size.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import shutil
@@ -66,7 +67,12 @@ class TimeUp(Exception):
 
 
 def reset_peak() -> bool:
-    """Reset the process's RSS high-water mark (Linux); False where that is not possible."""
+    """Give freed heap memory back to the system (glibc), then reset the process's RSS high-water
+    mark (Linux) to the current RSS; False where that is not possible."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -135,6 +141,7 @@ def run_scoring(features: RunStore, out: RunStore, deadline: float | None, threa
     RunStore.write_tile = write_tile  # type: ignore[method-assign]
     torch.set_num_threads(threads)
     reset_peak()
+    print(f"RSS before the scoring: {current_rss() / GIB:.2f} GiB", flush=True)
     start = time.perf_counter()
     done = True
     try:
