@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> str | None:
     if state["sizes"] != sizes:
         parser.error(f"{root} holds a benchmark of other sizes {state['sizes']}; use another --root")
     torch.set_num_threads(args.threads)
+    started = time.time()
     print(f"features: {sizes} (float16) under {root}", flush=True)
     features = make_features(root / "features", **sizes)
     out = RunStore.create(root / "out", exist_ok=True)
@@ -303,6 +304,9 @@ def main(argv: list[str] | None = None) -> str | None:
     print(f"scoring slice: {seconds:.1f} s, peak RSS {peak / GIB:.2f} GiB, tiles {int(tiles.sum())}/{tiles.size}", flush=True)
     if not done:
         print("not finished: run the same command again to resume")
+        return None
+    if args.max_minutes and time.time() - started > 30 * args.max_minutes:
+        print("scoring complete; run the same command again for the comparisons (floor, traker)")
         return None
     total = sum(s["seconds"] for s in state["slices"])
     peak = max(s["peak_rss"] for s in state["slices"])
