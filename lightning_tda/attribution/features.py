@@ -71,9 +71,16 @@ class FeatureSource:
         """The recorded output ("margin", "loss", ...), None for a record that does not say."""
         return self.record.get(schema.OUTPUT)
 
-    def rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
-        """Features of rows ``start..stop`` as a ``[stop - start, k]`` tensor of ``dtype``."""
-        return torch.from_numpy(self.store.read(self.name, slice(start, stop))).to(device=device, dtype=dtype)
+    def rows(
+        self, start: int, stop: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+        out: Tensor | None = None,
+    ) -> Tensor:
+        """Features of rows ``start..stop`` as a ``[stop - start, k]`` tensor of ``dtype`` (into
+        ``out`` when given: a buffer reused block after block)."""
+        values = torch.from_numpy(self.store.read(self.name, slice(start, stop)))
+        if out is not None:
+            return out.copy_(values)
+        return values.to(device=device, dtype=dtype)
 
     def q(self, start: int, stop: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
         """Out-to-loss terms of rows ``start..stop``."""

@@ -251,12 +251,30 @@ def _held_rows(scorer: "Scorer", jobs: Sequence[Job], kernels: _Kernels | None, 
     return held
 
 
-def _tile(scorer: "Scorer", jobs: Sequence[Job], held: list[Tensor], start: int, stop: int, n_runs: int) -> Tensor:
-    total, q_sum = None, None
-    for rows, job in zip(held, jobs):
+class _TileBuffers:
+    """The tile's sum and a block of train rows, allocated once per row block and reused tile
+    after tile: fresh tile-sized allocations would leave the heap to grow by fragmentation."""
+
+    def __init__(self, scorer: "Scorer", rows: int, cols: int, k: int) -> None:
+        self.cols = cols
+        self.total = torch.empty(rows, cols, dtype=scorer.dtype, device=scorer.device)
+        self.block = torch.empty(cols, k, dtype=scorer.dtype, device=scorer.device)
+
+
+def _tile(scorer: "Scorer", jobs: Sequence[Job], held: list[Tensor], start: int, stop: int, n_runs: int,
+          buffers: _TileBuffers | None = None) -> Tensor:
+    width = stop - start
+    full = buffers is not None and width == buffers.cols
+    total = buffers.total if full else None  # type: ignore[union-attr]
+    q_sum = None
+    for c, (rows, job) in enumerate(zip(held, jobs)):
         q = job.train.q(start, stop, scorer.dtype, scorer.device)
-        right = scorer.train_side(job.train.rows(start, stop, scorer.dtype, scorer.device), q, job)
-        total = rows @ right.T if total is None else total.addmm_(rows, right.T)
+        block = job.train.rows(start, stop, scorer.dtype, scorer.device, out=buffers.block[:width] if buffers else None)
+        right = scorer.train_side(block, q, job)
+        if c == 0:
+            total = torch.matmul(rows, right.T, out=total) if total is not None else rows @ right.T
+        else:
+            total.addmm_(rows, right.T)  # type: ignore[union-attr]
         q_sum = q.clone() if q_sum is None else q_sum.add_(q)
     assert total is not None and q_sum is not None
     return scorer.finish(total, q_sum / len(jobs), len(jobs), n_runs)
@@ -360,17 +378,18 @@ def compute_scores(
                     continue
                 r0, r1 = rb * plan.rows, min((rb + 1) * plan.rows, m)
                 held = _held_rows(scorer, jobs, kernels, r0, r1, diagonal=False)
+                buffers = _TileBuffers(scorer, r1 - r0, plan.cols, k)
                 for cb in range(done.shape[1]):
                     if done[rb, cb]:
                         continue
                     c0, c1 = cb * plan.cols, min((cb + 1) * plan.cols, n)
-                    tile = _tile(scorer, jobs, held, c0, c1, n_runs).float().cpu().numpy()
+                    tile = _tile(scorer, jobs, held, c0, c1, n_runs, buffers).float().cpu().numpy()
                     if out is None:
                         result[r0:r1, c0:c1] = tile
                     else:
                         out.write_tile(name, r0, c0, tile)
                     bar.update(1)
-                del held
+                del held, buffers
         if out is None:
             return result
         out.remove_array(kernel_name)
