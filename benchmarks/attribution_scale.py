@@ -29,9 +29,9 @@ load varies); the median is the floor. Target: the scoring within 1.5x of this f
 reduced size that fits this 24 GiB machine, beside ours at that size. At full size it cannot
 run here: ``finalize_scores`` holds a float32 ``[n_train, n_test]`` accumulator in RAM (8 GB),
 and its last line builds two more arrays of that size (the division and the product with the
-out-to-loss terms) before writing the memmap: about 24 GB plus the features. The table's
-estimate comes from its memory growth at two test sizes (the difference gives the bytes per
-score), scaled to the full size.
+out-to-loss terms) before writing the memmap: 12 bytes per score, 22 GiB at full size, plus the
+features. It is run at 20,000 x 10,000, where that term (2.2 GiB) dominates its memory, and its
+measured growth there is given beside the formula.
 
 **Load-matched floor**: the machine is shared, and its load moved the floor between 1,845 and
 8,200 s in one run. Besides the median floor, each slice's work (the kernels in the slice that
@@ -63,7 +63,7 @@ from lightning_tda.store import RunStore  # noqa: E402
 
 FULL = dict(n_train=200_000, n_test=10_000, k=2048, checkpoints=10)
 QUICK = dict(n_train=3_000, n_test=400, k=128, checkpoints=3)
-TRAKER_FULL = dict(n_train=20_000, n_test=1_000)
+TRAKER_FULL = dict(n_train=20_000, n_test=10_000)  # the n_train x n_test terms dominate traker's memory
 FLOOR_ROWS = 16_384
 GIB = 2**30
 
@@ -245,7 +245,8 @@ def run_traker(features: RunStore, n_train: int, n_test: int, k: int, checkpoint
 def ours_at(features: RunStore, n_train: int, n_test: int, root: Path, threads: int) -> dict:
     """Our scoring on the first rows only (a store of views is not available: a copy)."""
     small = make_subset(features, n_train, n_test, root / f"subset_{n_train}_{n_test}")
-    out = RunStore.create(root / f"out_{n_train}_{n_test}", exist_ok=True)
+    shutil.rmtree(root / f"out_{n_train}_{n_test}", ignore_errors=True)  # a fresh scoring, not a finished one
+    out = RunStore.create(root / f"out_{n_train}_{n_test}")
     seconds, peak, _, base = run_scoring(small, out, None, threads)
     return {"seconds": seconds, "peak": peak, "peak_growth": peak - base, "scores": out.read(schema.scores_array("trak", "test"))}
 
@@ -365,8 +366,6 @@ def main(argv: list[str] | None = None) -> str | None:
         if args.no_traker:
             raise ModuleNotFoundError
         theirs = run_traker(features, n_t, m_t, sizes["k"], sizes["checkpoints"], root, args.threads)
-        half = max(1, m_t // 2)
-        narrower = run_traker(features, n_t, half, sizes["k"], sizes["checkpoints"], root, args.threads)
         ours = ours_at(features, n_t, m_t, root, args.threads)
         corr = float(np.corrcoef(theirs["scores"].ravel(), ours["scores"].ravel())[0, 1])
         label = f"{n_t:,} x {m_t:,}"
@@ -374,22 +373,22 @@ def main(argv: list[str] | None = None) -> str | None:
             [f"time at {label} (s)", f"{ours['seconds']:.1f}", f"{theirs['seconds']:.1f} (traker)", f"traker/ours {theirs['seconds'] / ours['seconds']:.2f}", "-"],
             [f"peak RSS growth at {label} (GiB)", f"{ours['peak_growth'] / GIB:.2f}", f"{theirs['peak_growth'] / GIB:.2f} (traker)", f"traker/ours {theirs['peak_growth'] / max(ours['peak_growth'], 1):.1f}", "-"],
         ]
-        # growth = a n m + rest(n): a from the two test sizes at one n, the rest scaled with n
-        per_cell = max(0.0, (theirs["peak_growth"] - narrower["peak_growth"]) / (n_t * (m_t - half)))
-        rest = max(0.0, theirs["peak_growth"] - per_cell * n_t * m_t)
-        needed = per_cell * sizes["n_train"] * sizes["n_test"] + rest * sizes["n_train"] / n_t
+        # finalize_scores: a float32 n x m accumulator, then (acc / N) * (q / N): two more n x m arrays
+        formula_small, needed = 12 * n_t * m_t, 12 * sizes["n_train"] * sizes["n_test"]
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        with_features = needed + 4 * sizes["n_train"] * sizes["k"] + current_rss()  # its features, float32; the process
         verdict = (
-            f"more than this machine's {memory / GIB:.0f} GiB, so it cannot run here at that size"
-            if needed > memory else f"within this machine's {memory / GIB:.0f} GiB"
+            f"with its features and the process {with_features / GIB:.1f} GiB, more than this machine's "
+            f"{memory / GIB:.1f} GiB, so it cannot run here at that size"
+            if with_features > memory else f"with its features {with_features / GIB:.1f} GiB, within this machine's {memory / GIB:.1f} GiB"
         )
         notes.append(
             f"traker at {sizes['n_train']:,} x {sizes['n_test']:,}: finalize_scores holds a float32 n_train x n_test "
-            f"accumulator and makes two temporaries of that size: {per_cell:.1f} bytes per score measured (its "
-            f"growth at {n_t:,} x {half:,} and {label}: {narrower['peak_growth'] / GIB:.2f} and "
-            f"{theirs['peak_growth'] / GIB:.2f} GiB), so about {needed / GIB:.0f} GiB at full size, {verdict}. "
-            f"Correlation of its scores with ours at {label}: {corr:.4f} (traker rescales each checkpoint's kernel "
-            "by its mean absolute entry)"
+            f"accumulator and its last line makes two temporaries of that size, 12 bytes per score: "
+            f"{needed / GIB:.1f} GiB at full size before its features and the memmap it writes, {verdict} "
+            f"(at {label} that term is {formula_small / GIB:.2f} GiB; its measured RSS growth there: "
+            f"{theirs['peak_growth'] / GIB:.2f} GiB). Correlation of its scores with ours at {label}: {corr:.4f} "
+            "(traker rescales each checkpoint's kernel by its mean absolute entry)"
         )
     except ImportError:
         if not args.no_traker:
