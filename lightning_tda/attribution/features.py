@@ -187,12 +187,13 @@ def select_tags(store: RunStore, checkpoints: Sequence[str] | int | None) -> lis
     return list(checkpoints)
 
 
-def require_output(source: FeatureSource, accepted: Sequence[str], scorer: str, why: str) -> None:
+def require_output(source: FeatureSource | FeatureRecord, accepted: Sequence[str], scorer: str, why: str) -> None:
     """Raise unless the record's output is one of ``accepted`` (the scorer needs its out-to-loss term)."""
     if source.output not in accepted:
+        where = source.store.path if isinstance(source, FeatureSource) else source.store_path
         raise ValueError(
             f"{scorer} needs gradients of {' or '.join(repr(a) for a in accepted)} ({why}), but record "
-            f"{source.tag!r} of {source.store.path} holds gradients of output {source.output!r}; record "
+            f"{source.tag!r} of {where} holds gradients of output {source.output!r}; record "
             f"with GradientRecorder(output_fn={accepted[0]!r}), or use GradDot/GradCos, which need no "
             "out-to-loss term"
         )

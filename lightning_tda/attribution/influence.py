@@ -295,8 +295,8 @@ def influence_scores(
         batch = lissa_batch_size or max(1, n // 4)
         depth = iters
         result = lissa(
-            lambda v, idx: problem.hvp(v, idx) + damping * v, rhs, scale, n, batch, depth, lissa_repeats,
-            seed, apply=apply, tol=tol or 1e-2,
+            lambda v, idx: problem.hvp(v, None if len(idx) == n else idx) + damping * v, rhs, scale, n, batch, depth,
+            lissa_repeats, seed, apply=apply, tol=tol or 1e-2,
         )
         _warn_unconverged("LiSSA", result, tol or 1e-2)
         solved = result.solution

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from lightning_tda import schema
-from lightning_tda.attribution.features import require_output
+from lightning_tda.attribution.features import FeatureRecord, require_output
 from lightning_tda.attribution.streaming import (
     DEFAULT_MAX_RETURN_BYTES, DEFAULT_MEMORY_BYTES, Job, StoredScores, compute_diagonal, compute_scores,
 )
@@ -150,11 +150,40 @@ class Scorer:
             self, stores, train_split, test_split, out, overwrite, tile_rows, tile_cols, max_return_bytes
         )
 
+    def score_features(self, train: FeatureRecord, test: FeatureRecord) -> Tensor:
+        """Scores ``[n_test, n_train]`` of one checkpoint's features held in memory (the same
+        formula as :meth:`score`, without a store: for features computed on the fly)."""
+        train.check_pairs_with(test)
+        job = Job(0, _InMemory(train), _InMemory(test))  # type: ignore[arg-type]
+        self.check_job(job)
+        dtype = self.dtype
+        left = self.test_side(test.phi.to(dtype), job)
+        if self.has_kernel:
+            phi = train.phi.to(dtype)
+            weights = self.curvature_weights(train.q.to(dtype))
+            gram = ((phi.T * weights) @ phi if weights is not None else phi.T @ phi).double().cpu()
+            left = (left.double() @ self.kernel(gram, train.phi.shape[0]).to(left.device)).to(dtype)
+        total = left @ self.train_side(train.phi.to(dtype), train.q.to(dtype), job).T
+        return self.finish(total, train.q.to(dtype), 1, 1)
+
     def self_scores(self, stores: RunStore | Sequence[RunStore], split: str = schema.TRAIN_SPLIT) -> np.ndarray:
         """The diagonal ``S_ii`` of ``split`` scored against itself, ``[n]`` (float64), computed
         exactly as :meth:`score` computes each entry, without the ``n x n`` matrix."""
         stores = [stores] if isinstance(stores, RunStore) else list(stores)
         return compute_diagonal(self, stores, split)
+
+
+class _InMemory:
+    """A :class:`FeatureRecord` seen as a feature source by the scorers' checks."""
+
+    def __init__(self, record: FeatureRecord) -> None:
+        self.record, self.n, self.k = record, record.phi.shape[0], record.phi.shape[1]
+        self.output, self.tag, self.store_path = record.output, record.tag, record.store_path
+
+    def column_learning_rates(self) -> Tensor:
+        if self.record.learning_rate is None:
+            raise ValueError(f"feature record {self.tag!r} has no learning rate; TracIn weights checkpoints by it")
+        return torch.full((self.k,), float(self.record.learning_rate), dtype=torch.float64)
 
 
 def _unit_rows(phi: Tensor) -> Tensor:
