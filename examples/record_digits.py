@@ -17,7 +17,8 @@ import lightning as L
 import numpy as np
 
 from lightning_tda.arguments import new_directory, positive_int
-from lightning_tda.callbacks import CheckpointRecorder, MarginRecorder
+from lightning_tda import schema
+from lightning_tda.callbacks import CheckpointRecorder, MarginRecorder, read_margins
 from lightning_tda.data import DigitsDataModule
 from lightning_tda.models import DigitsCNN, ImageClassifier
 from lightning_tda.store import RunStore
@@ -52,14 +53,13 @@ def main(argv: list[str] | None = None) -> RunStore:
 
     store = RunStore(args.store)
     print(store.summary())
-    margins = store.read("margins/val")
-    records = store.manifest["records"]["margins"]
-    preds = store.read("preds/val")
+    margins, records = read_margins(store, "val")
+    preds = store.read(schema.record_array(schema.PREDS, "val"))[[r[schema.INDEX] for r in records]]
     dm = DigitsDataModule()
     labels = dm.recording_dataset("val").targets.numpy()
     for record, row, pred in zip(records, margins, preds):
         print(
-            f"  {record['tag']:>9} step {record['global_step']:>4}: val margin median {np.median(row):6.2f}, "
+            f"  {record[schema.TAG]:>9} step {record[schema.GLOBAL_STEP]:>4}: val margin median {np.median(row):6.2f}, "
             f"val accuracy {(pred == labels).mean():.3f}"
         )
     hardest = np.argsort(margins[-1])[:5]

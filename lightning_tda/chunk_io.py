@@ -41,9 +41,9 @@ def chunk_directory(arr: zarr.Array) -> str | None:
 
 
 def write_chunk(arr: zarr.Array, index: tuple[Any, ...], values: np.ndarray) -> bool:
-    """Write ``values`` at ``index`` (integers on the leading axes, then one slice, then whole
-    axes) when that is exactly one chunk and the array allows direct writes; return whether it
-    was written (False: use zarr)."""
+    """Write ``values`` at ``index`` (integers on the leading axes, then slices, then whole axes)
+    when that is exactly one chunk and the array allows direct writes; return whether it was
+    written (False: use zarr)."""
     directory = chunk_directory(arr)
     if directory is None:
         return False
@@ -63,7 +63,8 @@ def write_chunk(arr: zarr.Array, index: tuple[Any, ...], values: np.ndarray) -> 
     if trailing != chunks[len(index) :]:
         return False  # a chunk would not span the trailing axes whole
     coords += [0] * len(trailing)
-    block = np.asarray(values).reshape((1,) * (len(index) - 1) + np.shape(values))
+    leading = sum(not isinstance(item, slice) for item in index)
+    block = np.asarray(values).reshape((1,) * leading + np.shape(values))
     dtype = arr.dtype.newbyteorder("<") if arr.dtype.itemsize > 1 else arr.dtype
     if block.shape == tuple(chunks):  # no copy of a whole block (a block of gradients is large)
         chunk = np.ascontiguousarray(block, dtype=dtype)
@@ -82,3 +83,32 @@ def write_chunk(arr: zarr.Array, index: tuple[Any, ...], values: np.ndarray) -> 
             os.remove(tmp)
         raise
     return True
+
+
+def read_chunk_rows(arr: zarr.Array, rows: slice) -> np.ndarray | None:
+    """Rows ``rows`` of ``arr`` (chunked along axis 0 only, each chunk spanning the other axes)
+    read straight from the chunk files, only the bytes of those rows (zarr reads and decodes every
+    chunk the rows touch whole: a 4,096-row slice of 65,536-row gradient chunks would read 16x its
+    bytes); missing chunks read as the fill value. None when the array does not allow it."""
+    directory = chunk_directory(arr)
+    chunks = arr.metadata.chunk_grid.chunk_shape if directory is not None else ()
+    if directory is None or tuple(chunks[1:]) != tuple(arr.shape[1:]) or rows.step not in (None, 1):
+        return None
+    start, stop, _ = rows.indices(arr.shape[0])
+    stop = max(start, stop)
+    dtype = arr.dtype.newbyteorder("<") if arr.dtype.itemsize > 1 else arr.dtype
+    row_items = int(np.prod(arr.shape[1:], dtype=np.int64))
+    out = np.empty((stop - start, *arr.shape[1:]), dtype=arr.dtype)
+    flat = out.reshape(stop - start, row_items)
+    size = chunks[0]
+    for chunk in range(start // size, -(-stop // size) if stop > start else start // size):
+        lo, hi = max(start, chunk * size), min(stop, (chunk + 1) * size)
+        path = os.path.join(directory, arr.metadata.encode_chunk_key((chunk,) + (0,) * (arr.ndim - 1)))
+        target = flat[lo - start : hi - start]
+        try:
+            with open(path, "rb") as f:
+                f.seek((lo - chunk * size) * row_items * dtype.itemsize)
+                f.readinto(memoryview(target).cast("B"))  # type: ignore[arg-type]
+        except FileNotFoundError:
+            target[...] = arr.metadata.fill_value
+    return out

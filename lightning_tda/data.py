@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_tda.schema import FINGERPRINT_LABELS, FINGERPRINT_SIZE
+
 BatchFn = Callable[[Any], tuple[Tensor, Tensor]]
 """``batch_fn(batch) -> (x, y)``: overrides the default batch parser."""
 
@@ -86,8 +88,8 @@ def dataset_fingerprint(dataset: Dataset, batch_fn: BatchFn | None = None) -> di
     """Size and SHA-256 of the labels: enough to tell that a store belongs to another dataset."""
     labels = dataset_labels(dataset, batch_fn)
     return {
-        "size": int(len(labels)),
-        "labels_sha256": hashlib.sha256(np.ascontiguousarray(labels).tobytes()).hexdigest(),
+        FINGERPRINT_SIZE: int(len(labels)),
+        FINGERPRINT_LABELS: hashlib.sha256(np.ascontiguousarray(labels).tobytes()).hexdigest(),
     }
 
 

@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from lightning_tda.schema import TEST_ROLE, TRAIN_ROLE, TRAIN_SPLIT
+from lightning_tda.store import RunStore, check_same_dataset, fingerprint_of
 
 ArrayLike = Tensor | np.ndarray
 Resample = Literal["examples", "models", "both"]
@@ -598,11 +601,47 @@ class LDSResult:
         return self.value
 
 
+def _sweep_inputs(
+    scores: Any, sweep: RunStore, split: str | None, train_split: str, sources: Sequence[RunStore]
+) -> tuple[Tensor, Tensor]:
+    """Masks and margins of ``split`` from a sweep store, after checking it holds the datasets the
+    scores were computed on (the scores' own record when they are stored, and every source)."""
+    from lightning_tda.sweep import read_sweep
+
+    if split is None:
+        raise ValueError("give split= (the sweep's split the scores' test examples are) with a sweep store")
+    here = f"the sweep store at {sweep.path}"
+    recorded = getattr(scores, "fingerprints", None) or {}
+    for role, name in ((TRAIN_ROLE, train_split), (TEST_ROLE, split)):
+        entries = [(here, fingerprint_of(sweep, name))]
+        if role in recorded:
+            entries.append((f"the scores in {scores.store.path}", recorded[role]))
+        entries += [(f"the RunStore at {s.path}", fingerprint_of(s, name)) for s in sources]
+        check_same_dataset(entries, f"{role} split {name!r}")
+    masks, margins = read_sweep(sweep, split)
+    return torch.from_numpy(masks), torch.from_numpy(margins)
+
+
+def _predict(scores: Any, masks: Tensor) -> Tensor:
+    """``masks @ scores^T`` ``[n_models, n_test]``, reading stored scores one row block at a time."""
+    if hasattr(scores, "iter_row_blocks"):
+        columns = []
+        for _, block in scores.iter_row_blocks():
+            columns.append(masks.to(torch.float32) @ _as_tensor(block, "scores").to(torch.float32).T)
+        return torch.cat(columns, dim=1)
+    tensor = _as_tensor(scores, "scores")
+    dtype = tensor.dtype if tensor.dtype.is_floating_point else torch.float32
+    return masks.to(device=tensor.device, dtype=dtype) @ tensor.to(dtype).T
+
+
 def lds(
-    scores: ArrayLike,
-    masks: ArrayLike,
-    margins: ArrayLike,
+    scores: ArrayLike | Any,
+    masks: ArrayLike | RunStore | None = None,
+    margins: ArrayLike | None = None,
     *,
+    split: str | None = None,
+    train_split: str = TRAIN_SPLIT,
+    sources: Sequence[RunStore] = (),
     n_bootstrap: int = 1000,
     confidence: float = 0.95,
     resample: Resample = "examples",
@@ -629,23 +668,37 @@ def lds(
     - ``"both"``: both at once (the widest interval).
 
     Args:
-        scores: [n_test, n_train] attribution scores (e.g. ``DatamodelsResult.weights``).
-        masks: [n_models, n_train] training subsets of the evaluation models.
-        margins: [n_models, n_test] their margins.
+        scores: [n_test, n_train] attribution scores (e.g. ``DatamodelsResult.weights``), or a
+            :class:`~lightning_tda.attribution.StoredScores` (read one row block at a time).
+        masks: [n_models, n_train] training subsets of the evaluation models; or the sweep's
+            RunStore, whose masks and ``split`` margins are read after checking that it holds the
+            same train and test datasets (fingerprints) as the stored scores and every store in
+            ``sources`` (an error names both stores when not).
+        margins: [n_models, n_test] their margins (None with a sweep store).
+        split, train_split: the sweep's split of the test examples, and of the training set.
+        sources: the gradient stores the scores were computed from (checked with a sweep store).
 
     Returns:
         An :class:`LDSResult`.
     """
+    if isinstance(masks, RunStore):
+        if margins is not None:
+            raise ValueError("give a sweep store or masks and margins, not both")
+        masks, margins = _sweep_inputs(scores, masks, split, train_split, sources)
+    elif masks is None or margins is None:
+        raise ValueError("give masks and margins, or a sweep store (masks=RunStore, split=...)")
     masks, margins = check_masks_margins(masks, margins)
-    scores = _as_tensor(scores, "scores")
-    if scores.shape[1] != masks.shape[1]:
+    if not hasattr(scores, "iter_row_blocks"):
+        scores = _as_tensor(scores, "scores")
+    shape = tuple(scores.shape)
+    if shape[1] != masks.shape[1]:
         raise ValueError(
-            f"scores cover {scores.shape[1]} training examples (columns) but masks have {masks.shape[1]}; "
+            f"scores cover {shape[1]} training examples (columns) but masks have {masks.shape[1]}; "
             "scores must be [n_test, n_train] for the same training set as the masks"
         )
-    if scores.shape[0] != margins.shape[1]:
+    if shape[0] != margins.shape[1]:
         raise ValueError(
-            f"scores cover {scores.shape[0]} test examples (rows) but margins have {margins.shape[1]}; "
+            f"scores cover {shape[0]} test examples (rows) but margins have {margins.shape[1]}; "
             "scores must be [n_test, n_train] for the same test set as the margins"
         )
     if resample not in ("examples", "models", "both"):
@@ -655,9 +708,8 @@ def lds(
     if n_bootstrap < 0:
         raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
 
-    dtype = scores.dtype if scores.dtype.is_floating_point else torch.float32
-    predicted = masks.to(device=scores.device, dtype=dtype) @ scores.to(dtype).T
-    margins = margins.to(device=scores.device)
+    predicted = _predict(scores, masks)
+    margins = margins.to(device=predicted.device)
     per_example = spearman_correlation(predicted, margins)
     filled = torch.nan_to_num(per_example, nan=0.0)
     value = float(filled.mean())

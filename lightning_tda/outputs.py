@@ -18,6 +18,8 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_tda.schema import OUTPUT_LOSS, OUTPUT_MARGIN, OUTPUT_PROBABILITY
+
 OutputFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 """``output_fn(module, x, y) -> Tensor[batch]``: one scalar per example."""
 
@@ -84,6 +86,20 @@ def out_to_loss_from_logits(logits: Tensor, y: Tensor) -> Tensor:
     return torch.sigmoid(-margin_from_logits(logits, y))
 
 
+def out_to_loss_for(output: str, logits: Tensor | None, y: Tensor, batch_size: int) -> Tensor:
+    """``q = -d loss / d output`` per example, so that the cross-entropy gradient of an example is
+    ``-q`` times the gradient of its recorded output: ``1 - p_y`` for the margin (TRAK's ``Q``),
+    ``-1`` for the loss itself, ``1 / p_y`` for the correct-class probability, NaN for a custom
+    output (unknown: scorers that need it refuse such records)."""
+    if output == OUTPUT_LOSS:
+        return torch.full((batch_size,), -1.0)
+    if logits is None or output not in (OUTPUT_MARGIN, OUTPUT_PROBABILITY):
+        return torch.full((batch_size,), float("nan"))
+    if output == OUTPUT_MARGIN:
+        return out_to_loss_from_logits(logits, y)
+    return torch.exp(loss_from_logits(logits, y))  # 1 / p_y = exp(cross-entropy)
+
+
 def margin(module: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """Output function: classification margin of ``module(x)``."""
     return margin_from_logits(module(x), y)
@@ -100,14 +116,14 @@ def correct_class_probability(module: nn.Module, x: Tensor, y: Tensor) -> Tensor
 
 
 FROM_LOGITS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "margin": margin_from_logits,
-    "loss": loss_from_logits,
-    "correct_class_probability": correct_class_probability_from_logits,
+    OUTPUT_MARGIN: margin_from_logits,
+    OUTPUT_LOSS: loss_from_logits,
+    OUTPUT_PROBABILITY: correct_class_probability_from_logits,
 }
 OUTPUT_FNS: dict[str, OutputFn] = {
-    "margin": margin,
-    "loss": loss,
-    "correct_class_probability": correct_class_probability,
+    OUTPUT_MARGIN: margin,
+    OUTPUT_LOSS: loss,
+    OUTPUT_PROBABILITY: correct_class_probability,
 }
 
 

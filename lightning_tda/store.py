@@ -26,7 +26,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,7 +46,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from zarr.core.sync import sync as zarr_sync
 
-from lightning_tda.chunk_io import write_chunk
+from lightning_tda import schema
+from lightning_tda.chunk_io import read_chunk_rows, write_chunk
+from lightning_tda.schema import join_name, validate_name  # noqa: F401 (re-exported: store.join_name)
 
 SCHEMA_VERSION = 2
 # Every chunk is written, even one equal to the fill value: a chunk's presence is its block's
@@ -56,7 +57,6 @@ _ARRAY_CONFIG = {"write_empty_chunks": True}
 # What a store's directory holds (a store being created by another process may hold only some).
 _OWN_ENTRIES = frozenset({"manifest.json", "arrays", "checkpoints", ".manifest.lock"})
 _OWN_TEMPORARY_PREFIXES = (".write_probe.", "manifest.json.")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
 
 
 class StoreError(RuntimeError):
@@ -97,21 +97,6 @@ def _header_metadata(blob: bytes) -> dict[str, Any]:
     return json.loads(header.get("__metadata__", {}).get("lightning_tda", "{}"))
 
 
-def validate_name(name: str, what: str = "name") -> str:
-    """Check a name that becomes part of a path (split, run name, checkpoint tag)."""
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
-        raise ValueError(
-            f"invalid {what} {name!r}: use letters, digits and '_', '.', '=', '+', '-' only, "
-            "starting with a letter or digit (no path separators, no '..')"
-        )
-    return name
-
-
-def join_name(*parts: str) -> str:
-    """Join validated parts into an array name such as ``margins/train``."""
-    return "/".join(validate_name(p, "array name part") for p in parts)
-
-
 @dataclass(frozen=True)
 class ArrayLayout:
     """How an array is written: its shape, the axis cut into row blocks, and the block size."""
@@ -121,10 +106,23 @@ class ArrayLayout:
     dtype: str
     row_axis: int
     block_rows: int
+    block_cols: int | None = None  # a tiled 2-D array: chunks of block_rows x block_cols
 
     @property
     def n_rows(self) -> int:
         return self.shape[self.row_axis]
+
+    @property
+    def n_col_blocks(self) -> int:
+        """Column blocks of a tiled array (1 for the others: a chunk spans the trailing axes)."""
+        return 1 if self.block_cols is None else max(1, math.ceil(self.shape[1] / self.block_cols))
+
+    def col_range(self, block: int) -> tuple[int, int]:
+        """Columns of column block ``block`` of a tiled array."""
+        if self.block_cols is None:
+            return 0, self.shape[-1]
+        start = block * self.block_cols
+        return start, min(start + self.block_cols, self.shape[1])
 
     @property
     def n_blocks(self) -> int:
@@ -156,22 +154,22 @@ def new_run_id() -> str:
 
 def _manifest_problem(manifest: Mapping[str, Any]) -> str | None:
     """What is wrong with a manifest's structure, or None (checked on every open)."""
-    kinds = {"fingerprints": dict, "records": dict, "checkpoints": dict}
+    kinds = {schema.FINGERPRINTS: dict, schema.RECORDS: dict, schema.CHECKPOINTS: dict}
     for key, kind in kinds.items():
         if not isinstance(manifest.get(key), kind):
             return f"field {key!r} should be a JSON object, found {type(manifest.get(key)).__name__}"
-    for split, fp in manifest["fingerprints"].items():
-        if not isinstance(fp, dict) or not isinstance(fp.get("size"), int):
+    for split, fp in manifest[schema.FINGERPRINTS].items():
+        if not isinstance(fp, dict) or not isinstance(fp.get(schema.FINGERPRINT_SIZE), int):
             return f"fingerprint of split {split!r} should be an object with an integer 'size'"
-    for key, records in manifest["records"].items():
+    for key, records in manifest[schema.RECORDS].items():
         if not isinstance(records, list):
             return f"records[{key!r}] should be a list, found {type(records).__name__}"
         for i, record in enumerate(records):
-            if not isinstance(record, dict) or not isinstance(record.get("tag"), str) or not isinstance(
-                record.get("global_step"), int
+            if not isinstance(record, dict) or not isinstance(record.get(schema.TAG), str) or not isinstance(
+                record.get(schema.GLOBAL_STEP), int
             ):
                 return f"records[{key!r}][{i}] should be an object with a string 'tag' and an integer 'global_step'"
-    for tag, meta in manifest["checkpoints"].items():
+    for tag, meta in manifest[schema.CHECKPOINTS].items():
         if not isinstance(meta, dict):
             return f"checkpoints[{tag!r}] should be an object, found {type(meta).__name__}"
     return None
@@ -301,23 +299,23 @@ class RunStore:
         # Another process (a shard) may create the store at the same moment: the first manifest
         # wins, and no later update of it is overwritten by a fresh one.
         manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "library_version": __version__,
-            "run_id": new_run_id(),
-            "run_name": validate_name(run_name, "run name") if run_name else None,
-            "algorithm": algorithm,
-            "seed": seed,
-            "fingerprints": {},
-            "model": None,
-            "projection": None,
-            "records": {},
-            "checkpoints": {},
+            schema.SCHEMA_VERSION: SCHEMA_VERSION,
+            schema.LIBRARY_VERSION: __version__,
+            schema.RUN_ID: new_run_id(),
+            schema.RUN_NAME: validate_name(run_name, "run name") if run_name else None,
+            schema.ALGORITHM: algorithm,
+            schema.SEED: seed,
+            schema.FINGERPRINTS: {},
+            schema.MODEL: None,
+            schema.PROJECTION: None,
+            schema.RECORDS: {},
+            schema.CHECKPOINTS: {},
         }
         self._write_manifest(manifest, replace=False)
 
     def _check_schema(self, manifest: Mapping[str, Any]) -> None:
         where = self._join("manifest.json")
-        version = manifest.get("schema_version")
+        version = manifest.get(schema.SCHEMA_VERSION)
         if not isinstance(version, int):
             raise StoreError(f"{where} has no integer schema_version; this is not a RunStore")
         if version > SCHEMA_VERSION:
@@ -419,19 +417,19 @@ class RunStore:
         Raises :class:`FingerprintMismatchError` naming both datasets when they differ.
         """
         validate_name(split, "split name")
-        recorded = self.manifest["fingerprints"].get(split)
+        recorded = self.manifest[schema.FINGERPRINTS].get(split)
         if recorded is not None:
             if dict(recorded) != dict(fingerprint):
                 raise FingerprintMismatchError(
                     f"the RunStore at {self.path} was recorded for another '{split}' dataset "
-                    f"(size {recorded.get('size')}, labels sha256 {str(recorded.get('labels_sha256'))[:12]}...) "
-                    f"than the one given (size {fingerprint.get('size')}, labels sha256 "
-                    f"{str(fingerprint.get('labels_sha256'))[:12]}...); use a new store path for this "
+                    f"(size {recorded.get(schema.FINGERPRINT_SIZE)}, labels sha256 {str(recorded.get(schema.FINGERPRINT_LABELS))[:12]}...) "
+                    f"than the one given (size {fingerprint.get(schema.FINGERPRINT_SIZE)}, labels sha256 "
+                    f"{str(fingerprint.get(schema.FINGERPRINT_LABELS))[:12]}...); use a new store path for this "
                     "dataset, or the dataset the store was recorded on"
                 )
             return
         if write:
-            self.update_manifest(lambda m: m["fingerprints"].__setitem__(split, dict(fingerprint)))
+            self.update_manifest(lambda m: m[schema.FINGERPRINTS].__setitem__(split, dict(fingerprint)))
 
     # ------------------------------------------------------------------ arrays
     def has_array(self, name: str) -> bool:
@@ -475,7 +473,9 @@ class RunStore:
         """The layout of array ``name``."""
         arr = self._array(name)
         attrs = arr.attrs
-        return ArrayLayout(name, tuple(arr.shape), str(arr.dtype), attrs["row_axis"], attrs["block_rows"])
+        return ArrayLayout(
+            name, tuple(arr.shape), str(arr.dtype), attrs["row_axis"], attrs["block_rows"], attrs.get("block_cols")
+        )
 
     def _array(self, name: str) -> zarr.Array:
         if name in self._handles:
@@ -499,13 +499,20 @@ class RunStore:
         *,
         row_axis: int = 0,
         block_rows: int = 1024,
+        block_cols: int | None = None,
     ) -> ArrayLayout:
         """Create array ``name`` (filled with NaN/0, no block complete), or check the existing one
-        has this shape (the row axis's leading axes may have grown) and dtype."""
+        has this shape (the row axis's leading axes may have grown) and dtype.
+
+        ``block_cols`` makes a 2-D array *tiled*: chunks of ``block_rows x block_cols``, each
+        written whole by :meth:`write_tile` (for results too wide to hold a row block in memory);
+        a row block is complete when all its tiles are."""
         self.flush()
         dtype = np.dtype(dtype)
         if any(int(s) < 0 for s in shape) or not 0 <= row_axis < len(shape):
             raise ValueError(f"bad shape {shape} / row_axis {row_axis} for array {name!r}")
+        if block_cols is not None and (len(shape) != 2 or row_axis != 0 or block_cols < 1):
+            raise ValueError(f"block_cols (tiles) needs a 2-D array with row_axis 0 and block_cols >= 1, got {shape}")
         if shape[row_axis] == 0:
             raise ValueError(f"array {name!r} would have no rows (shape {shape}); is the dataset empty?")
         for part in name.split("/"):
@@ -523,6 +530,11 @@ class RunStore:
             block_rows if axis == row_axis else (1 if axis < row_axis else max(1, s))
             for axis, s in enumerate(shape)
         )
+        attributes: dict[str, Any] = {"row_axis": row_axis, "block_rows": block_rows}
+        if block_cols is not None:
+            block_cols = int(min(block_cols, max(1, shape[1])))
+            chunks = (block_rows, block_cols)
+            attributes["block_cols"] = block_cols
         # Another process (a shard) may create the array at the same moment: finding it there is
         # fine, and its layout is checked below. No compression: recorded floats (margins,
         # projected gradients) do not compress, skipping the codec makes each chunk write about
@@ -532,7 +544,7 @@ class RunStore:
         try:
             self._handles[name] = self._group.create_array(
                 name, shape=shape, chunks=chunks, dtype=dtype, fill_value=np.nan if dtype.kind == "f" else 0,
-                attributes={"row_axis": row_axis, "block_rows": block_rows}, compressors=None,
+                attributes=attributes, compressors=None,
                 chunk_key_encoding={"name": "default", "separator": "."}, config=_ARRAY_CONFIG,
             )
         except zarr.errors.ContainsArrayError:
@@ -638,7 +650,7 @@ class RunStore:
         self._wait_for_writes()
         if self._unlisted:
             unlisted, self._unlisted = self._unlisted, {}
-            self.update_manifest(lambda m: m["checkpoints"].update(unlisted))
+            self.update_manifest(lambda m: m[schema.CHECKPOINTS].update(unlisted))
 
     def _wait_for_writes(self) -> None:
         pending, self._pending = self._pending, []
@@ -652,6 +664,8 @@ class RunStore:
         lead, n_blocks]``. A block is complete when its chunk exists."""
         self.flush()
         layout = self.layout(name)
+        if layout.block_cols is not None:
+            return self.completed_tiles(name).all(axis=1)
         arr = self._array(name)
         present = self._chunk_keys(arr)
         trailing = (0,) * (len(layout.shape) - layout.row_axis - 1)  # one chunk spans them
@@ -659,6 +673,46 @@ class RunStore:
         for index in np.ndindex(done.shape):
             done[index] = arr.metadata.encode_chunk_key((*lead, *index, *trailing)) in present
         return done
+
+    def completed_tiles(self, name: str) -> np.ndarray:
+        """Completion flags ``[n_row_blocks, n_col_blocks]`` of a tiled array's tiles."""
+        self.flush()
+        layout = self.layout(name)
+        arr = self._array(name)
+        present = self._chunk_keys(arr)
+        done = np.zeros((layout.n_blocks, layout.n_col_blocks), dtype=bool)
+        for index in np.ndindex(done.shape):
+            done[index] = arr.metadata.encode_chunk_key(index) in present
+        return done
+
+    def write_tile(self, name: str, row_start: int, col_start: int, values: np.ndarray | torch.Tensor) -> None:
+        """Write one whole tile of a tiled array (see ``ensure_array(block_cols=...)``) at
+        ``(row_start, col_start)``, atomically: the tile is complete once this returns."""
+        layout = self.layout(name)
+        if layout.block_cols is None:
+            raise StoreError(f"array {name!r} is not tiled; write it with write_block")
+        if isinstance(values, torch.Tensor):
+            values = values.detach().cpu().numpy()
+        if row_start % layout.block_rows or col_start % layout.block_cols:
+            raise StoreError(f"tile of {name!r} at ({row_start}, {col_start}) is not on a tile boundary")
+        rows = layout.block_range(row_start // layout.block_rows)
+        cols = layout.col_range(col_start // layout.block_cols)
+        if np.shape(values) != (rows[1] - rows[0], cols[1] - cols[0]):
+            raise StoreError(f"tile of {name!r} at ({row_start}, {col_start}) needs shape "
+                             f"{(rows[1] - rows[0], cols[1] - cols[0])}, got {np.shape(values)}")
+        index = (slice(*rows), slice(*cols))
+        self._run(lambda: self._store_values([(self._array(name), index, np.asarray(values, dtype=layout.dtype))]), True)
+
+    def remove_array(self, name: str) -> None:
+        """Delete array ``name`` and its chunks (a scoring's work arrays once it is complete)."""
+        self.flush()
+        if not self.has_array(name):
+            return
+        self._handles.pop(name, None)
+        self._group_handle = None  # a fresh group handle: zarr caches members
+        parent, _, leaf = name.rpartition("/")
+        group = self._group[parent] if parent else self._group
+        del group[leaf]
 
     @staticmethod
     def _chunk_keys(arr: zarr.Array) -> set[str]:
@@ -688,6 +742,10 @@ class RunStore:
         """
         self.flush()
         layout = self.layout(name)
+        if not lead and layout.row_axis == 0 and layout.block_cols is None:  # only the rows' bytes
+            direct = read_chunk_rows(self._array(name), rows or slice(None))
+            if direct is not None:
+                return direct
         index = tuple(lead) + (slice(None),) * (layout.row_axis - len(lead)) + (rows or slice(None),)
         try:
             return np.asarray(self._array(name)[index])
@@ -756,7 +814,7 @@ class RunStore:
             blob = save_safetensors(flat, metadata={"lightning_tda": json.dumps(metadata, sort_keys=True)})
             self._write_atomically(path, blob)
             if list_now:
-                self.update_manifest(lambda m: m["checkpoints"].__setitem__(tag, metadata))
+                self.update_manifest(lambda m: m[schema.CHECKPOINTS].__setitem__(tag, metadata))
             else:
                 self._unlisted[tag] = metadata
 
@@ -782,7 +840,7 @@ class RunStore:
         manifest does not list yet (saved with ``list_now=False`` by a process that has not
         flushed, or was killed). ``list_found=True`` writes those into the manifest."""
         self.flush()
-        listed = dict(self.manifest["checkpoints"])
+        listed = dict(self.manifest[schema.CHECKPOINTS])
         found: dict[str, dict[str, Any]] = {}
         suffix = ".safetensors"
         for path in self._fs.glob(self._join("checkpoints", f"*{suffix}")):
@@ -795,24 +853,24 @@ class RunStore:
                     except (ValueError, UnicodeDecodeError, OverflowError, MemoryError) as err:
                         raise _damaged_checkpoint(str(path), err) from err
         if found and list_found:
-            self.update_manifest(lambda m: m["checkpoints"].update(found))
+            self.update_manifest(lambda m: m[schema.CHECKPOINTS].update(found))
         return {**listed, **found}
 
     def checkpoint_tags(self) -> list[str]:
         """Checkpoint tags in the order they were recorded (by global step)."""
         ckpts = self.checkpoints()
-        return sorted(ckpts, key=lambda t: (ckpts[t].get("global_step", 0), t))
+        return sorted(ckpts, key=lambda t: (ckpts[t].get(schema.GLOBAL_STEP, 0), t))
 
     # ------------------------------------------------------------------ run identity
     @property
     def run_id(self) -> str | None:
         """The id of the training run this store belongs to (None for stores made before run ids)."""
-        return self.manifest.get("run_id")
+        return self.manifest.get(schema.RUN_ID)
 
     def holds_records(self) -> bool:
         """Whether anything of a run is in the store: records, checkpoints, a sweep or arrays."""
         manifest = self.manifest
-        if any(manifest["records"].values()) or manifest["checkpoints"] or manifest.get("sweep"):
+        if any(manifest[schema.RECORDS].values()) or manifest[schema.CHECKPOINTS] or manifest.get(schema.SWEEP):
             return True
         suffix = ".safetensors"
         return bool(self._fs.glob(self._join("checkpoints", f"*{suffix}"))) or bool(self.array_names())
@@ -820,14 +878,14 @@ class RunStore:
     def describe_records(self) -> str:
         """One line on what the store holds, for errors about it."""
         manifest = self.manifest
-        counts = [f"{len(v)} {k} records" for k, v in sorted(manifest["records"].items()) if v]
+        counts = [f"{len(v)} {k} records" for k, v in sorted(manifest[schema.RECORDS].items()) if v]
         n_ckpt = len(self.checkpoints())
         if n_ckpt:
             counts.append(f"{n_ckpt} checkpoints")
-        if manifest.get("sweep"):
+        if manifest.get(schema.SWEEP):
             counts.append("a subset sweep")
         what = ", ".join(counts) or f"arrays {self.array_names()[:4]}"
-        return f"run id {manifest.get('run_id')}, {what}"
+        return f"run id {manifest.get(schema.RUN_ID)}, {what}"
 
     def clear_records(self) -> str:
         """Delete every record, checkpoint, sweep and array, and give the store a new run id;
@@ -845,8 +903,11 @@ class RunStore:
         self._handles.clear()
 
         def reset(manifest: dict[str, Any]) -> None:
-            manifest.update(run_id=new_run_id(), fingerprints={}, model=None, projection=None, records={}, checkpoints={})
-            manifest.pop("sweep", None)
+            manifest.update({
+                schema.RUN_ID: new_run_id(), schema.FINGERPRINTS: {}, schema.MODEL: None, schema.PROJECTION: None,
+                schema.RECORDS: {}, schema.CHECKPOINTS: {},
+            })
+            manifest.pop(schema.SWEEP, None)
 
         self.update_manifest(reset)
         return cleared
@@ -856,9 +917,9 @@ class RunStore:
         """A few readable lines: what was recorded, its shape and completeness."""
         self.flush()
         m = self.manifest
-        lines = [f"RunStore {self.path} (schema {m['schema_version']}, run {m.get('run_name')})"]
-        for split, fp in sorted(m["fingerprints"].items()):
-            lines.append(f"  dataset {split}: {fp['size']} examples")
+        lines = [f"RunStore {self.path} (schema {m[schema.SCHEMA_VERSION]}, run {m.get(schema.RUN_NAME)})"]
+        for split, fp in sorted(m[schema.FINGERPRINTS].items()):
+            lines.append(f"  dataset {split}: {fp[schema.FINGERPRINT_SIZE]} examples")
         for name in self.array_names():
             layout = self.layout(name)
             state = "complete" if self.is_complete(name) else "INCOMPLETE"
@@ -867,3 +928,33 @@ class RunStore:
         if tags:
             lines.append(f"  checkpoints: {len(tags)} ({', '.join(tags[:4])}{', ...' if len(tags) > 4 else ''})")
         return "\n".join(lines)
+
+
+def fingerprint_of(store: RunStore, split: str) -> dict[str, Any] | None:
+    """The fingerprint of ``split`` recorded in ``store`` (None when it has none)."""
+    return store.manifest[schema.FINGERPRINTS].get(split)
+
+
+def check_same_dataset(entries: Sequence[tuple[str, Mapping[str, Any] | None]], role: str) -> dict[str, Any] | None:
+    """Check that every ``(where, fingerprint)`` describes one dataset (its ``role``, e.g. "train
+    split 'train'"); return the fingerprint. Raises :class:`FingerprintMismatchError` naming both
+    places when two differ, and :class:`StoreError` when several are given and one has none
+    (nothing could be checked)."""
+    known = [(where, dict(fp)) for where, fp in entries if fp is not None]
+    missing = [where for where, fp in entries if fp is None]
+    if len(entries) > 1 and missing:
+        other = next(where for where, _ in entries if where != missing[0])
+        raise StoreError(
+            f"cannot check that {missing[0]} holds the same {role} as {other}: it records no dataset "
+            "fingerprint for it (the recorders and SubsetSweep write one); record it again with them"
+        )
+    for where, fp in known[1:]:
+        if fp != known[0][1]:
+            first, reference = known[0]
+            raise FingerprintMismatchError(
+                f"{where} and {first} hold different datasets for the {role} (sizes "
+                f"{fp.get(schema.FINGERPRINT_SIZE)} and {reference.get(schema.FINGERPRINT_SIZE)}, labels sha256 "
+                f"{str(fp.get(schema.FINGERPRINT_LABELS))[:12]}... and {str(reference.get(schema.FINGERPRINT_LABELS))[:12]}...); scores "
+                "are averaged and compared only over runs of the same dataset: pass stores recorded on one dataset"
+            )
+    return known[0][1] if known else None

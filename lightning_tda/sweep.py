@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 from lightning_tda.data import dataset_fingerprint
 from lightning_tda.ensemble import EnsembleModule, indexed_loader, random_subset_masks
 from lightning_tda.ensemble.data import mix_seed
-from lightning_tda.store import RunStore, StoreError, join_name, validate_name
+from lightning_tda import schema
+from lightning_tda.store import RunStore, StoreError, validate_name
 
-SWEEP_KEY = "sweep"
+SWEEP_KEY = schema.SWEEP
 
 
 @dataclass
@@ -49,9 +50,11 @@ class SubsetSweep:
         epochs, batch_size, lr, optimizer, momentum, weight_decay: each model's training.
         output_fn: recorded output ("margin", "loss", "correct_class_probability").
         shard_index, num_shards: this process trains blocks ``b`` with ``b % num_shards == shard_index``.
-        trainer_kwargs: extra ``lightning.Trainer`` arguments (accelerator, precision, ...).
+        trainer_kwargs: extra ``lightning.Trainer`` arguments (precision, ...).
         overwrite: clear a store that holds another sweep or a training run's records (else
             refused); never while other shards of this sweep run.
+        accelerator, devices: Lightning's, for each block's fit ("auto": a GPU when there is one).
+            On a machine with several GPUs, run one shard per GPU with ``devices=1`` each.
     """
 
     store: RunStore | str
@@ -74,6 +77,8 @@ class SubsetSweep:
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
     overwrite: bool = False
+    accelerator: str = "auto"
+    devices: int | str | list[int] = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_models, int) or self.num_models < 1:
@@ -135,18 +140,18 @@ class SubsetSweep:
                 )
             warnings.warn(f"SubsetSweep: overwrite=True cleared {store.path} ({store.clear_records()})")
             recorded = None
-        store.set_fingerprint("train", dataset_fingerprint(self.train_dataset))
+        store.set_fingerprint(schema.TRAIN_SPLIT, dataset_fingerprint(self.train_dataset))
         for split, ds in self.eval_datasets.items():
             store.set_fingerprint(split, dataset_fingerprint(ds))
         n_train = len(self.train_dataset)  # type: ignore[arg-type]
-        store.ensure_array("sweep/masks", (self.num_models, n_train), "bool", block_rows=self.models_per_block)
+        store.ensure_array(schema.sweep_masks_array(), (self.num_models, n_train), "bool", block_rows=self.models_per_block)
         for split, ds in self.eval_datasets.items():
-            store.ensure_array(join_name("sweep", split), (self.num_models, len(ds)), "float32", block_rows=self.models_per_block)  # type: ignore[arg-type]
+            store.ensure_array(schema.sweep_outputs_array(split), (self.num_models, len(ds)), "float32", block_rows=self.models_per_block)  # type: ignore[arg-type]
         if recorded is None:
             store.update_manifest(lambda m: m.__setitem__(SWEEP_KEY, self.config()))
 
     def _arrays(self) -> list[str]:
-        return ["sweep/masks"] + [join_name("sweep", s) for s in sorted(self.eval_datasets)]
+        return [schema.sweep_masks_array()] + [schema.sweep_outputs_array(s) for s in sorted(self.eval_datasets)]
 
     def pending_blocks(self) -> list[int]:
         """This shard's blocks that are not complete yet."""
@@ -169,7 +174,7 @@ class SubsetSweep:
         )
         kwargs = dict(
             max_epochs=self.epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, accelerator="cpu", devices=1,
+            enable_model_summary=False, accelerator=self.accelerator, devices=self.devices,
         )
         kwargs.update(self.trainer_kwargs)
         trainer = L.Trainer(**kwargs)
@@ -190,25 +195,25 @@ class SubsetSweep:
             module = self.train_block(block, masks)
             for split in sorted(self.eval_datasets):
                 outputs = module.outputs(self.eval_datasets[split], self.output_fn)
-                store.write_block(join_name("sweep", split), lo, outputs.numpy())
-            store.write_block("sweep/masks", lo, masks[lo:hi].numpy())  # last: marks the block done
+                store.write_block(schema.sweep_outputs_array(split), lo, outputs.numpy())
+            store.write_block(schema.sweep_masks_array(), lo, masks[lo:hi].numpy())  # last: marks the block done
         return store
 
 
 def read_sweep(store: RunStore, split: str) -> tuple[np.ndarray, np.ndarray]:
     """``(masks [n_models, n_train], outputs [n_models, n_split])`` of the complete models only."""
-    done = store.completed_blocks("sweep/masks")
-    layout = store.layout("sweep/masks")
+    done = store.completed_blocks(schema.sweep_masks_array())
+    layout = store.layout(schema.sweep_masks_array())
     rows = np.concatenate([np.arange(*layout.block_range(b)) for b in np.flatnonzero(done)]) if done.any() else np.array([], int)
-    masks = store.read("sweep/masks")[rows]
-    outputs = store.read(join_name("sweep", split))[rows]
+    masks = store.read(schema.sweep_masks_array())[rows]
+    outputs = store.read(schema.sweep_outputs_array(split))[rows]
     return masks, outputs
 
 
 def sweep_progress(store: RunStore) -> tuple[int, int]:
     """``(complete models, total models)`` of the sweep in ``store``."""
-    layout = store.layout("sweep/masks")
-    done = store.completed_blocks("sweep/masks")
+    layout = store.layout(schema.sweep_masks_array())
+    done = store.completed_blocks(schema.sweep_masks_array())
     complete = sum(layout.block_range(b)[1] - layout.block_range(b)[0] for b in np.flatnonzero(done))
     return int(complete), layout.n_rows
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from lightning_tda.attribution import TRAK, GradDot
+from lightning_tda.attribution import TRAK, GradDot, TracIn
 from lightning_tda.callbacks import CheckpointRecorder, GradientRecorder
 from lightning_tda.data import DigitsDataModule
 from lightning_tda.grads import make_gradient_engine
@@ -64,8 +64,8 @@ def test_bad_arguments():
         GradientRecorder("s", proj_dim=0)
     with pytest.raises(ValueError, match="engine must be"):
         GradientRecorder("s", engine="fast")
-    with pytest.raises(ValueError, match="at must be 'fit_end' or None"):
-        GradientRecorder("s", at="epoch")
+    with pytest.raises(ValueError, match="nothing would be recorded"):
+        GradientRecorder("s", on_fit_end=False)
 
 
 class NoLayers(L.LightningModule):
@@ -138,3 +138,84 @@ def test_trak_with_identity_projection_equals_closed_form(tmp_path):
     lam = float((phi * phi).sum()) / phi.shape[0]
     expected = phi_test @ torch.linalg.inv(phi.T @ phi + lam * torch.eye(phi.shape[1], dtype=phi.dtype)) @ phi.T * q[None, :]
     np.testing.assert_allclose(TRAK().score(store), expected.numpy(), rtol=1e-3, atol=1e-6)
+
+
+class TwoRateClassifier(ImageClassifier):
+    """Plain SGD with the first layer at one learning rate and the rest at another."""
+
+    def configure_optimizers(self):
+        first = list(self.model.net[1].parameters())
+        rest = [p for p in self.parameters() if all(p is not q for q in first)]
+        return torch.optim.SGD([{"params": first, "lr": 0.2}, {"params": rest, "lr": 0.05}], lr=0.05)
+
+
+def test_tracin_equals_brute_force_per_example_loss_gradients(tmp_path):
+    """TracIn from the store (identity projection, two checkpoints, two parameter groups at their
+    own rates) equals sum_c sum_params -lr_p <grad margin_j, grad loss_i>, from per-example
+    gradients of the loss and of the margin computed by a plain autograd loop on each saved
+    checkpoint: the loss weight q and every group's rate are in."""
+    from lightning_tda.models import MLP
+    from lightning_tda.outputs import loss_from_logits, margin_from_logits
+
+    path = tmp_path / "s"
+    model = TwoRateClassifier(MLP(64, 8, 10))
+    rec = GradientRecorder(path, proj_dim=1, engine="exact", engine_options={"projection": "identity"}, every_n_epochs=1)
+    fit(tmp_path, [rec, CheckpointRecorder(path, every_n_epochs=1)], model=model, epochs=2)
+    store = RunStore(path)
+    records = store.manifest["records"]["grads"]
+    assert len(records) == 2 and records[0]["learning_rate_columns"] == [[0, 520, 0.2], [520, 610, 0.05]]
+    dm = DigitsDataModule(n_train=160)
+    train, val = dm.recording_dataset("train"), dm.recording_dataset("val")
+    n_test = 20
+    expected = torch.zeros(n_test, len(train), dtype=torch.float64)
+    steps = {meta["global_step"]: tag for tag, meta in store.checkpoints().items()}
+    for record in records:
+        module = TwoRateClassifier(MLP(64, 8, 10)).double()
+        state, _ = store.load_checkpoint(steps[record["global_step"]])
+        module.load_state_dict({k: v.double() for k, v in state.items()})
+        module.eval()
+        params = list(module.parameters())
+        rates = torch.cat([torch.full((p.numel(),), 0.2 if i < 2 else 0.05, dtype=torch.float64) for i, p in enumerate(params)])
+
+        def gradients(fn, ds, count):
+            rows = []
+            for i in range(count):
+                out = fn(module(ds.images[i:i + 1].double()), ds.targets[i:i + 1])[0]
+                rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(out, params)]))
+            return torch.stack(rows)
+
+        loss_grads = gradients(loss_from_logits, train, len(train))
+        margin_grads = gradients(margin_from_logits, val, n_test)
+        expected += -(margin_grads * rates) @ loss_grads.T
+    got = TracIn(progress=False).score(store)[:n_test]
+    np.testing.assert_allclose(got, expected.numpy(), rtol=2e-3, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_recorded_output_is_named_and_its_out_to_loss_term_stored(tmp_path):
+    """The margin passed as a function is the margin (q = 1 - p_y, not 1); a loss record stores
+    q = -1 and TRAK refuses it; a custom output stores NaN and TracIn refuses it."""
+    from lightning_tda import outputs
+
+    def half_margin(module, x, y):
+        return 0.5 * outputs.margin(module, x, y)
+
+    cases = [(outputs.margin, "margin"), ("loss", "loss"), (half_margin, "custom")]
+    for i, (output_fn, name) in enumerate(cases):
+        path = tmp_path / f"s{i}"
+        model = fit(tmp_path / f"f{i}", [GradientRecorder(path, proj_dim=32, splits=("val",), output_fn=output_fn)], epochs=1)
+        store = RunStore(path)
+        assert store.manifest["records"]["grads"][0]["output"] == name
+        q = store.read("out_to_loss/val/fit_end")
+        ds = DigitsDataModule(n_train=160).recording_dataset("val")
+        if name == "margin":
+            with torch.no_grad():
+                expected = out_to_loss_from_logits(model.eval()(ds.images), ds.targets)
+            np.testing.assert_allclose(q, expected.numpy(), rtol=1e-5, atol=1e-6)
+        elif name == "loss":
+            assert (q == -1).all()
+            with pytest.raises(ValueError, match="TRAK needs gradients of 'margin'"):
+                TRAK(progress=False).score(store, train_split="val")
+        else:
+            assert np.isnan(q).all()
+            with pytest.raises(ValueError, match="TracIn needs gradients"):
+                TracIn(progress=False).score(store, train_split="val")

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from lightning_tda.attribution.features import load_features, select_tags
+from lightning_tda import schema
+from lightning_tda.attribution.scorers import TRAK, Scorer
 from lightning_tda.images import to_uint8_image
 from lightning_tda.store import RunStore
 
@@ -39,27 +40,25 @@ def top_k(scores: np.ndarray, k: int = 5) -> TopExamples:
 
 
 def self_influence(
-    stores: RunStore | Sequence[RunStore], split: str = "train", checkpoints: Sequence[str] | int | None = None,
+    stores: RunStore | Sequence[RunStore],
+    split: str = schema.TRAIN_SPLIT,
+    checkpoints: Sequence[str] | int | None = None,
     damping: float | None = None,
+    relative_damping: float | None = None,
+    scorer: Scorer | None = None,
 ) -> np.ndarray:
-    """TRAK self-influence ``q_i phi_i^T (Phi^T Phi + lambda I)^-1 phi_i`` of every example of
-    ``split`` (averaged over checkpoints and runs): high values flag memorised or mislabelled
-    examples."""
-    from lightning_tda.attribution.scorers import TRAK
+    """Self-influence ``S_ii`` of every example of ``split``: the diagonal of the scores of
+    ``split`` against itself, computed the way the scorer computes every score (for TRAK, the
+    default: the kernel averaged over checkpoints and runs, times the averaged ``q_i``). High
+    values flag memorised or mislabelled examples.
 
-    stores = [stores] if isinstance(stores, RunStore) else list(stores)
-    trak = TRAK(damping=damping)
-    total: torch.Tensor | None = None
-    count = 0
-    for store in stores:
-        for tag in select_tags(store, checkpoints):
-            feats = load_features(store, split, tag, torch.float64)
-            right = trak.prepare(feats)  # [k, n]
-            diag = (feats.phi * right.T).sum(1) * feats.q
-            total = diag if total is None else total + diag
-            count += 1
-    assert total is not None
-    return (total / count).numpy()
+    Args:
+        scorer: the scorer whose diagonal to take (default ``TRAK(damping, relative_damping)``
+            on ``checkpoints``).
+    """
+    if scorer is None:
+        scorer = TRAK(damping=damping, relative_damping=relative_damping, checkpoints=checkpoints, progress=False)
+    return scorer.self_scores(stores, split)
 
 
 def example_grid(

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from typing_extensions import override
 
+from lightning_tda import schema
 from lightning_tda.callbacks.recording import (
     RecordSchedule,
     StoreRecorder,
@@ -150,7 +151,7 @@ class BlockRecorder(StoreRecorder):
         # Resuming from a Lightning checkpoint taken at a record's step: finish the record now.
         if self._restored_step is not None:
             for record in self.records():
-                if record["global_step"] == self._restored_step:
+                if record[schema.GLOBAL_STEP] == self._restored_step:
                     self._write_record(trainer, pl_module, record)
 
     def take_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
@@ -164,7 +165,7 @@ class BlockRecorder(StoreRecorder):
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Skipped when the last epoch's record already holds these weights.
-        if self.schedule.on_fit_end and not any(r["global_step"] == trainer.global_step for r in self.records()):
+        if self.schedule.on_fit_end and not any(r[schema.GLOBAL_STEP] == trainer.global_step for r in self.records()):
             self.record(trainer, pl_module, "fit_end")
         self.flush()
         trainer.strategy.barrier(f"{type(self).__name__}.train_end")
@@ -187,7 +188,7 @@ class BlockRecorder(StoreRecorder):
     def records(self) -> list[dict[str, Any]]:
         """This recorder's records, as listed in the manifest."""
         assert self.store is not None, f"{type(self).__name__} used before setup"
-        return list(self.store.manifest["records"].get(self.records_key, []))
+        return list(self.store.manifest[schema.RECORDS].get(self.records_key, []))
 
     def record(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str, epoch: int | None = None) -> None:
         """Take (or finish) the record ``tag`` of the current weights (at ``epoch``, by default
@@ -199,10 +200,10 @@ class BlockRecorder(StoreRecorder):
         trainer.strategy.barrier(f"{type(self).__name__}.declare")
         if trainer.world_size > 1:  # see the arrays rank 0 grew
             self.store.refresh()
-        record = next(r for r in self.records() if r["tag"] == tag)
-        if record["global_step"] != trainer.global_step:
+        record = next(r for r in self.records() if r[schema.TAG] == tag)
+        if record[schema.GLOBAL_STEP] != trainer.global_step:
             raise StoreError(
-                f"the store already holds record {tag!r} at global step {record['global_step']}, but "
+                f"the store already holds record {tag!r} at global step {record[schema.GLOBAL_STEP]}, but "
                 f"training is at step {trainer.global_step}: this store belongs to another run; "
                 "record into a new store path"
             )
@@ -234,13 +235,13 @@ class BlockRecorder(StoreRecorder):
         """Rank 0: create or grow the record's arrays, then list it in the manifest."""
         assert self.store is not None
         records = self.records()
-        existing = [r for r in records if r["tag"] == tag]
+        existing = [r for r in records if r[schema.TAG] == tag]
         entry = existing[0] if existing else {
-            "tag": tag,
-            "index": len(records),
-            "epoch": int(epoch),
-            "global_step": int(trainer.global_step),
-            "splits": list(self.splits),
+            schema.TAG: tag,
+            schema.INDEX: len(records),
+            schema.EPOCH: int(epoch),
+            schema.GLOBAL_STEP: int(trainer.global_step),
+            schema.SPLITS: list(self.splits),
             **self.describe_record(trainer),
         }
         # Arrays before the manifest lists the record. Rows are reserved for the records still
@@ -261,7 +262,7 @@ class BlockRecorder(StoreRecorder):
         for n_leading, names in growing.items():
             self.store.grow(names, n_leading)
         if not existing:
-            self.store.update_manifest(lambda m: m["records"].setdefault(self.records_key, []).append(entry))
+            self.store.update_manifest(lambda m: m[schema.RECORDS].setdefault(self.records_key, []).append(entry))
             self._fresh.add(tag)
 
     def _block_rows(self, n: int, trainer: L.Trainer) -> int:
@@ -292,7 +293,7 @@ class BlockRecorder(StoreRecorder):
             for spec in specs if spec.lead
         ]
         if names:
-            self.store.trim(names, max(int(r["index"]) for r in records) + 1)
+            self.store.trim(names, max(int(r[schema.INDEX]) for r in records) + 1)
 
     def _write_record(self, trainer: L.Trainer, pl_module: L.LightningModule, record: Mapping[str, Any]) -> None:
         """Every rank: compute and write this rank's incomplete row blocks of the record."""
@@ -300,8 +301,8 @@ class BlockRecorder(StoreRecorder):
         rank, world_size = world(trainer)
         specs = self._specs(pl_module, record)
         nonfinite: dict[str, list[int]] = {}
-        fresh = record["tag"] in self._fresh and world_size == 1  # every block is still to write
-        self._fresh.discard(record["tag"])
+        fresh = record[schema.TAG] in self._fresh and world_size == 1  # every block is still to write
+        self._fresh.discard(record[schema.TAG])
         # Blocks are written in the background, gathered up to _GATHER_BYTES (a small record, one
         # write after its last block): the store waits for them before anything else touches it,
         # and flush() runs before a Lightning checkpoint and at the end.
@@ -334,7 +335,7 @@ class BlockRecorder(StoreRecorder):
         self._report_nonfinite(record, nonfinite)
         if trainer.is_global_zero:
             rank_zero_info(
-                f"{type(self).__name__}: recorded {record['tag']} (step {record['global_step']}) to {self.store.path}"
+                f"{type(self).__name__}: recorded {record[schema.TAG]} (step {record[schema.GLOBAL_STEP]}) to {self.store.path}"
             )
 
     def _report_nonfinite(self, record: Mapping[str, Any], rows_by_split: Mapping[str, list[int]]) -> None:
@@ -343,7 +344,7 @@ class BlockRecorder(StoreRecorder):
                 self._nonfinite += len(rows)
                 warnings.warn(
                     f"{type(self).__name__}: {len(rows)} non-finite outputs in split {split!r} at record "
-                    f"{record['tag']} (examples {rows[:10]}{' ...' if len(rows) > 10 else ''}); they are "
+                    f"{record[schema.TAG]} (examples {rows[:10]}{' ...' if len(rows) > 10 else ''}); they are "
                     "stored as they are (NaN/inf). Check the model for overflow or a bad learning rate.",
                     RuntimeWarning,
                 )

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 import lightning as L
 from typing_extensions import override
 
+from lightning_tda import schema
 from lightning_tda.callbacks.recording import (
     RecordSchedule,
     StoreRecorder,
@@ -33,10 +34,11 @@ class CheckpointRecorder(StoreRecorder):
 
     Args:
         store: a :class:`~lightning_tda.store.RunStore` or a path/URL for one.
-        every_n_epochs: save at the end of every n-th epoch.
-        every_n_steps: save after every n-th optimizer step.
-        at_epochs: save at the end of these 0-based epochs.
+        every_n_epochs: save at the end of every n-th epoch (None: off).
+        at_epochs: also save at the end of these 0-based epochs.
         on_fit_end: save when training ends (unless already saved at that step).
+        every_n_steps: also save after every n-th optimizer step (checkpoints only; the other
+            recorders take the first three scheduling arguments, in this order).
         overwrite: a fresh fit into a store holding another run's records clears them first
             (else it is refused; a resume of the same run always goes on).
     """
@@ -45,9 +47,9 @@ class CheckpointRecorder(StoreRecorder):
         self,
         store: RunStore | str,
         every_n_epochs: int | None = 1,
-        every_n_steps: int | None = None,
         at_epochs: Sequence[int] | None = None,
         on_fit_end: bool = True,
+        every_n_steps: int | None = None,
         overwrite: bool = False,
     ) -> None:
         super().__init__(overwrite)
@@ -82,7 +84,7 @@ class CheckpointRecorder(StoreRecorder):
 
     def _saved_steps_now(self) -> set[int]:
         assert self.store is not None
-        return {int(meta.get("global_step", -1)) for meta in self.store.checkpoints().values()}
+        return {int(meta.get(schema.GLOBAL_STEP, -1)) for meta in self.store.checkpoints().values()}
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -118,9 +120,9 @@ class CheckpointRecorder(StoreRecorder):
                 tag,
                 pl_module.state_dict(),
                 {
-                    "epoch": int(epoch),
-                    "global_step": int(trainer.global_step),
-                    "learning_rates": learning_rates(trainer),
+                    schema.EPOCH: int(epoch),
+                    schema.GLOBAL_STEP: int(trainer.global_step),
+                    schema.LEARNING_RATES: learning_rates(trainer),
                 },
                 list_now=False,  # listed at the next flush, with the others (one manifest write)
             )

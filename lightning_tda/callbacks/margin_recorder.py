@@ -11,14 +11,17 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from lightning_tda import schema
 from lightning_tda.callbacks.block_recorder import ArraySpec, BlockRecorder
 from lightning_tda.callbacks.recording import RecordSchedule
 from lightning_tda.data import BatchFn
-from lightning_tda.outputs import FROM_LOGITS, OutputFn, check_labels, check_output, loss_from_logits, resolve_output_fn
-from lightning_tda.store import RunStore, StoreError, join_name
+from lightning_tda.outputs import (
+    FROM_LOGITS, OUTPUT_FNS, OutputFn, check_labels, check_output, loss_from_logits, resolve_output_fn,
+)
+from lightning_tda.store import RunStore, StoreError
 
-RECORDS_KEY = "margins"
-LOGITS_KEY = "logits"
+RECORDS_KEY = schema.MARGIN_RECORDS
+LOGITS_KEY = schema.LOGITS
 _LOGITS_PER_COLUMNS = 2**22  # logits held before a block's columns are computed (16 MiB float32)
 
 
@@ -83,9 +86,10 @@ class MarginRecorder(BlockRecorder):
             on_fit_end=on_fit_end,
         )
         super().__init__(store, splits, schedule, batch_fn, datasets, batch_size, block_rows, overwrite)
-        self.output_name = output_fn if isinstance(output_fn, str) else None
         self.output_fn = resolve_output_fn(output_fn)
-        self.array_prefix = "margins" if output_fn in (None, "margin") else "outputs"
+        # a built-in passed as a function is recognised by its name
+        self.output_name = next((name for name, fn in OUTPUT_FNS.items() if fn is self.output_fn), None)
+        self.array_prefix = schema.MARGINS if self.output_name == schema.OUTPUT_MARGIN else schema.OUTPUTS
         self.embeddings = embeddings
         self.logits = bool(logits)
         self._channels_last: bool | None = None  # unknown until the first image batch
@@ -96,14 +100,14 @@ class MarginRecorder(BlockRecorder):
             self._embedding_layer(pl_module)
 
     def describe_record(self, trainer: L.Trainer) -> dict[str, Any]:
-        return {"output": self.output_name or getattr(self.output_fn, "__name__", "custom")}
+        return {schema.OUTPUT: self.output_name or schema.OUTPUT_CUSTOM}
 
     def array_specs(self, split: str, record: Mapping[str, Any], probe: Sequence[Tensor]) -> list[ArraySpec]:
-        lead = (int(record["index"]),)
-        names = ["losses", "preds"] + (["embeddings"] if self.embeddings is not None else [])
+        lead = (int(record[schema.INDEX]),)
+        names = [schema.LOSSES, schema.PREDS] + ([schema.EMBEDDINGS] if self.embeddings is not None else [])
         names += ([LOGITS_KEY] if self.logits else []) + [self.array_prefix]
         return [
-            ArraySpec(join_name(name, split), tuple(col.shape[1:]), "int64" if name == "preds" else "float32", lead)
+            ArraySpec(schema.record_array(name, split), tuple(col.shape[1:]), "int64" if name == schema.PREDS else "float32", lead)
             for name, col in zip(names, probe)
         ]
 
@@ -258,16 +262,16 @@ class MarginRecorder(BlockRecorder):
         return columns + [out.float()]
 
 
-def read_margins(store: RunStore, split: str, prefix: str = "margins") -> tuple[np.ndarray, list[dict[str, Any]]]:
+def read_margins(store: RunStore, split: str, prefix: str = schema.MARGINS) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """The complete records of ``split``: ``(values [n_complete, n_examples], their manifest entries)``.
 
     A record a crash left unfinished is skipped until a resumed run completes it."""
-    name = join_name(prefix, split)
+    name = schema.record_array(prefix, split)
     records = [
-        r for r in store.manifest["records"].get(RECORDS_KEY, [])
-        if split in r.get("splits", [split]) and store.completed_blocks(name, (int(r["index"]),)).all()
+        r for r in store.manifest[schema.RECORDS].get(RECORDS_KEY, [])
+        if split in r.get(schema.SPLITS, [split]) and store.completed_blocks(name, (int(r[schema.INDEX]),)).all()
     ]
-    values = store.read(name)[[int(r["index"]) for r in records]] if records else np.empty((0, 0), np.float32)
+    values = store.read(name)[[int(r[schema.INDEX]) for r in records]] if records else np.empty((0, 0), np.float32)
     return values, records
 
 
@@ -276,7 +280,7 @@ def read_logits(store: RunStore, split: str) -> tuple[np.ndarray, list[dict[str,
     [n_complete, n_examples, n_classes] (an ensemble's: ``[..., n_classes, copy]``), their
     manifest entries)``; a :class:`~lightning_tda.store.StoreError` that says how to record them
     when the store has none."""
-    if not store.has_array(join_name(LOGITS_KEY, split)):
+    if not store.has_array(schema.record_array(LOGITS_KEY, split)):
         raise StoreError(
             f"{store.path} has no recorded logits for split {split!r} (it holds {store.array_names()}); "
             "record them with MarginRecorder(..., logits=True)"

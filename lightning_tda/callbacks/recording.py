@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 from typing_extensions import override
 
+from lightning_tda import schema
 from lightning_tda.data import BatchParser, TensorImageDataset
 from lightning_tda.store import RunStore, StoreError, validate_name
 
@@ -203,8 +204,8 @@ class StoreRecorder(Callback):
     def initialise_store(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Rank 0, once the store is claimed: first manifest entries (the model, by default)."""
         assert self.store is not None
-        if self.store.manifest.get("model") is None:
-            self.store.update_manifest(lambda m: m.__setitem__("model", model_description(pl_module)))
+        if self.store.manifest.get(schema.MODEL) is None:
+            self.store.update_manifest(lambda m: m.__setitem__(schema.MODEL, model_description(pl_module)))
 
     def flush(self) -> None:
         """Wait until everything this recorder wrote is in the store (and listed there)."""

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from lightning_tda import schema
 from lightning_tda.callbacks.margin_recorder import read_logits
 from lightning_tda.data import dataset_fingerprint, dataset_labels
 from lightning_tda.store import FingerprintMismatchError, RunStore, StoreError
@@ -69,30 +70,30 @@ class _LabelsOnly(Dataset):
 def _check_fingerprints(stores: Sequence[RunStore], split: str, labels: Tensor) -> None:
     first = None
     for store in stores:
-        fp = store.manifest["fingerprints"].get(split)
+        fp = store.manifest[schema.FINGERPRINTS].get(split)
         if fp is None:
-            raise StoreError(f"{store.path} recorded no split {split!r} (it has {sorted(store.manifest['fingerprints'])})")
+            raise StoreError(f"{store.path} recorded no split {split!r} (it has {sorted(store.manifest[schema.FINGERPRINTS])})")
         if first is None:
             first = (store, fp)
         elif dict(fp) != dict(first[1]):
             raise FingerprintMismatchError(
                 f"stores of different datasets: {first[0].path} and {store.path} recorded different "
-                f"{split!r} splits (sizes {first[1].get('size')} and {fp.get('size')}, label hashes "
-                f"{str(first[1].get('labels_sha256'))[:12]}... and {str(fp.get('labels_sha256'))[:12]}...); "
+                f"{split!r} splits (sizes {first[1].get(schema.FINGERPRINT_SIZE)} and {fp.get(schema.FINGERPRINT_SIZE)}, label hashes "
+                f"{str(first[1].get(schema.FINGERPRINT_LABELS))[:12]}... and {str(fp.get(schema.FINGERPRINT_LABELS))[:12]}...); "
                 "compare runs recorded on the same dataset split"
             )
     assert first is not None
     given = dataset_fingerprint(_LabelsOnly(labels))
     if given != dict(first[1]):
         raise FingerprintMismatchError(
-            f"the labels given ({given['size']} examples, hash {given['labels_sha256'][:12]}...) are not "
-            f"those of split {split!r} recorded in {first[0].path} ({first[1].get('size')} examples, hash "
-            f"{str(first[1].get('labels_sha256'))[:12]}...); pass that split's labels in recording order"
+            f"the labels given ({given[schema.FINGERPRINT_SIZE]} examples, hash {given[schema.FINGERPRINT_LABELS][:12]}...) are not "
+            f"those of split {split!r} recorded in {first[0].path} ({first[1].get(schema.FINGERPRINT_SIZE)} examples, hash "
+            f"{str(first[1].get(schema.FINGERPRINT_LABELS))[:12]}...); pass that split's labels in recording order"
         )
 
 
 def _store_name(store: RunStore) -> str:
-    return str(store.manifest.get("run_name") or PurePosixPath(str(store.path).rstrip("/")).name or "store")
+    return str(store.manifest.get(schema.RUN_NAME) or PurePosixPath(str(store.path).rstrip("/")).name or "store")
 
 
 def _store_description(store: RunStore) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from lightning_tda.attribution import TRAK, FeatureRecord, InfluenceProblem, ProjectedInfluence, influence_scores
+from lightning_tda.schema import OUTPUT_MARGIN
 from lightning_tda.data import BatchFn
 from lightning_tda.further_training.datainf import datainf_scores
 from lightning_tda.further_training.gold import dataset_tensors, load_final_model
@@ -117,22 +118,22 @@ class BlockwiseInfluenceProblem(InfluenceProblem):
         self.__dict__["_hessian"] = 0.5 * (h + h.T)
         return self.__dict__["_hessian"].clone()
 
-    def hvp(self, v: Tensor) -> Tensor:
+    def hvp(self, v: Tensor, indices: Tensor | None = None) -> Tensor:
+        if indices is not None:  # a minibatch's (stochastic LiSSA): from autograd
+            return super().hvp(v, indices)
         if self.__dict__.get("_hessian") is None:
             self.hessian()
         return self.__dict__["_hessian"] @ v
 
 
 def _feature_record(phi: Tensor, q: Tensor, split: str) -> FeatureRecord:
-    return FeatureRecord("final model", "final", split, 0, 1.0, phi, q)
+    return FeatureRecord("final model", "final", split, 0, 1.0, phi, q, output=OUTPUT_MARGIN)
 
 
 def _scorer_scores(scorer, phi_train: Tensor, q_train: Tensor, phi_test: Tensor, q_test: Tensor) -> Tensor:  # type: ignore[no-untyped-def]
     """An attribution scorer on the final model's features (one checkpoint, one run)."""
     train, test = _feature_record(phi_train, q_train, "train"), _feature_record(phi_test, q_test, "test")
-    train.check_pairs_with(test)
-    total = scorer.test_side(test.phi) @ scorer.prepare(train)
-    return scorer.finish(total, 1, 1, train.q)
+    return scorer.score_features(train, test)
 
 
 def _parse_methods(methods: Sequence[str], damping_factors: Sequence[float]) -> list[tuple[str, str, float | None]]:
@@ -229,7 +230,10 @@ def final_model_scores(
                     )
                 damping = float(factor) * float(cache["fisher_scale"])  # type: ignore[arg-type]
                 iters = cg_iters if solver == "cg" else lissa_iters if solver == "lissa" else None
-                scores = -influence_scores(problem, damping=damping, method=solver, iters=iters).detach()[:, columns]  # type: ignore[arg-type]
+                # LiSSA on the whole training set each step (deterministic, as these methods were
+                # compared); influence_scores' default is the stochastic minibatch LiSSA
+                full = dict(lissa_batch_size=len(y_train), lissa_repeats=1) if solver == "lissa" else {}
+                scores = -influence_scores(problem, damping=damping, method=solver, iters=iters, **full).detach()[:, columns]  # type: ignore[arg-type]
             elif family == "influence_projected":
                 weights = (q_train * (1 - q_train)).clamp_min(0)
                 scale = float((weights * (phi_train * phi_train).sum(1)).mean()) / phi_train.shape[1]
