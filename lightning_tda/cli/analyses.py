@@ -12,6 +12,7 @@ from typing import Literal, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from lightning_tda import schema
 from lightning_tda.cli.datasets import store_dataset
 from lightning_tda.cli.output import check_output_dir, finish, make_reporter
 from lightning_tda.store import FingerprintMismatchError, RunStore
@@ -173,7 +174,7 @@ def lds_command(
 
     runs = open_stores(stores)
     truth = RunStore(sweep)
-    if "sweep" not in truth.manifest:
+    if schema.SWEEP not in truth.manifest:
         raise ValueError(f"{truth.path} holds no subset sweep; make one with lightning-tda sweep")
     check_same_datasets([*runs, truth], ["train", split])
     for store in runs:

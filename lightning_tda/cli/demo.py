@@ -246,9 +246,11 @@ def demo(out: str = "runs/demo", fast: bool = False, seed: int = 0, wandb: bool 
                      "augmentation, B with random 1-pixel shifts. Settings: " + json.dumps(asdict(settings)))
     stores = train_algorithms(target / "stores", settings)
     seconds = {"train": time.perf_counter() - start}
+    from lightning_tda.callbacks.margin_recorder import read_margins
+
     summary: dict[str, float] = {}
     for name in ALGORITHMS:
-        accuracy = [float((s.read("margins/val")[-1] > 0).mean()) for s in stores[name]]
+        accuracy = [float((read_margins(s, "val")[0][-1] > 0).mean()) for s in stores[name]]
         summary[f"accuracy/{name}"] = float(np.mean(accuracy))
     reporter.log_metrics(dict(summary))
     for name, step in tqdm(STEPS, desc="demo: analyses"):

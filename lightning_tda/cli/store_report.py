@@ -10,15 +10,16 @@ from matplotlib.figure import Figure
 
 from lightning_tda.callbacks.margin_recorder import read_margins
 from lightning_tda.cli.datasets import store_dataset
+from lightning_tda import schema
 from lightning_tda.store import RunStore
 
 
 def _margin_splits(store: RunStore) -> list[str]:
-    records = store.manifest["records"].get("margins", [])
+    records = store.manifest[schema.RECORDS].get(schema.MARGIN_RECORDS, [])
     splits: list[str] = []
     for record in records:
-        for split in record.get("splits", []):
-            if split not in splits and store.has_array(f"margins/{split}"):
+        for split in record.get(schema.SPLITS, []):
+            if split not in splits and store.has_array(schema.record_array(schema.MARGINS, split)):
                 splits.append(split)
     return splits
 
@@ -61,7 +62,7 @@ def log_store(reporter: Any, store: RunStore, max_images: int = 16) -> dict[str,
         reporter.log_figure(f"{_key(name)}_training", fig)
     if metrics:
         reporter.log_metrics(metrics)
-    if manifest["records"].get("grads") and "train" in manifest["fingerprints"]:
+    if manifest[schema.RECORDS].get(schema.GRADIENT_RECORDS) and schema.TRAIN_SPLIT in manifest[schema.FINGERPRINTS]:
         _log_self_influence(reporter, store, name, max_images)
     return metrics
 
