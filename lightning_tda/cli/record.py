@@ -29,6 +29,9 @@ class RecordCLI(LightningCLI):
 
 def record(args: Sequence[str]) -> int:
     """Run LightningCLI on ``args``; returns the exit code."""
+    import sys
+
+    sys.argv = [sys.argv[0], *args]  # LightningCLI warns when args and a longer sys.argv disagree
     try:
         RecordCLI(
             L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
