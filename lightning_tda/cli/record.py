@@ -31,11 +31,11 @@ def record(args: Sequence[str]) -> int:
     """Run LightningCLI on ``args``; returns the exit code."""
     import sys
 
-    sys.argv = [sys.argv[0], *args]  # LightningCLI warns when args and a longer sys.argv disagree
+    sys.argv = [sys.argv[0], *args]  # LightningCLI parses sys.argv (given args beside it, it warns)
     try:
         RecordCLI(
             L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-            args=list(args), save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "lightning-tda record"},
+            save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "lightning-tda record"},
         )
     except SystemExit as exit_:  # argument errors and --help: LightningCLI's own exit code
         return int(exit_.code or 0)
