@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     augment = PerImage(Compose([RandomShift(1), Rotate(15.0, random=True)]))
     a = Algorithm("plain", CaseStudyData(train, test))
     b = Algorithm("augmented", CaseStudyData(train, test, train_transform=augment))
-    report, summary = run_case_study(args, a, b, train, test, transform=TRANSFORMS[args.verify], target_class="label")
+    report, summary, _ = run_case_study(args, a, b, train, test, transform=TRANSFORMS[args.verify], target_class="label")
     finish(args, report, summary, "augmentation", "without (A) and with (B) shift+rotation augmentation", Reporter(args.out))
     return summary
 

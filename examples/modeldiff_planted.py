@@ -32,7 +32,7 @@ import torch
 from lightning_tda.data import TensorImageDataset
 from lightning_tda.modeldiff import PastePatch, square_patch
 from lightning_tda.modeldiff.case_study import Algorithm, case_study_parser, finish, parse_case_study_args, run_case_study
-from lightning_tda.modeldiff.digits import CaseStudyData, digits_splits
+from lightning_tda.modeldiff.digits import CaseStudyData, accuracy, digits_splits
 from lightning_tda.reporting import Reporter
 
 PATCH = square_patch(2, value=1.0)
@@ -85,13 +85,16 @@ def main(argv: list[str] | None = None) -> dict:
     a = Algorithm("plain", CaseStudyData(train, test))
     b = Algorithm("corner-augmented", CaseStudyData(train, test, train_transform=RedrawCorner()))
     paste = PastePatch(PATCH, CORNER)
-    report, summary = run_case_study(args, a, b, train, test, transform=paste, target_class=args.planted_class)
+    report, summary, (models_a, models_b) = run_case_study(args, a, b, train, test, transform=paste, target_class=args.planted_class)
 
     k = min(20, args.planted)
     top = report.directions_a.top_train(0, k)
     precision = float(np.isin(top.positive, planted.numpy()).mean())
     test_top = report.directions_a.top_test(0, 20)[0]
+    clean = np.setdiff1d(np.arange(len(test)), planted_test.numpy())
+    clean_test = TensorImageDataset(test.images[clean], test.targets[clean])
     summary.update({
+        "accuracy_without_square": {a.name: accuracy(models_a, clean_test), b.name: accuracy(models_b, clean_test)},
         "precision_at_20": precision,
         "top_test_with_square": float(np.isin(test_top, planted_test.numpy()).mean()),
         "planted_train": int(len(planted)), "planted_test": int(len(planted_test)),
@@ -102,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     finish(args, report, summary, "planted", title, Reporter(args.out))
     print(f"precision@{k} of A's top direction: {precision:.2f} ({len(planted)} of {len(train)} training images planted); "
           f"its top 20 test images: {summary['top_test_with_square']:.0%} with the square "
-          f"({len(planted_test)} of {len(test)} test images have it)")
+          f"({len(planted_test)} of {len(test)} test images have it); accuracy on the test images without the square: "
+          + " / ".join(f"{v:.3f}" for v in summary["accuracy_without_square"].values()))
     return summary
 
 

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     pretrained = rotation_pretrained(train, epochs=pretrain_epochs, seed=args.seed + 7)
     a = Algorithm("scratch", CaseStudyData(train, test))
     b = Algorithm("pretrained", CaseStudyData(train, test), make_model=fine_tune_start(pretrained), lr=0.02)
-    report, summary = run_case_study(args, a, b, train, test, transform=TRANSFORMS[args.verify], target_class="label")
+    report, summary, _ = run_case_study(args, a, b, train, test, transform=TRANSFORMS[args.verify], target_class="label")
     summary["pretrain_epochs"] = pretrain_epochs
     finish(args, report, summary, "pretraining", "from scratch (A) against fine-tuned from rotation pre-training (B)", Reporter(args.out))
     return summary

@@ -48,6 +48,7 @@ def case_study_parser(description: str | None, name: str) -> argparse.ArgumentPa
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 15; 8 with --fast)")
     parser.add_argument("--proj-dim", type=int, default=None, help="TRAK projection dimension k (default 1024; 512 with --fast)")
     parser.add_argument("--num", type=int, default=3, help="directions per algorithm")
+    parser.add_argument("--images", type=int, default=8, help="top training and test images shown per direction")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(f"runs/modeldiff_{name}"), help="figures, tables and result.json")
     parser.add_argument("--stores", type=Path, default=None, help="a new directory for the RunStores (default: a temporary one, removed at the end)")
@@ -64,7 +65,7 @@ def parse_case_study_args(parser: argparse.ArgumentParser, argv: Sequence[str] |
             setattr(args, key, (fast if args.fast else full)[key])
     if args.models < 2:
         parser.error(f"--models must be >= 2 (the noise floor needs two halves of each algorithm's models), got {args.models}")
-    for key in ("epochs", "proj_dim", "num"):
+    for key in ("epochs", "proj_dim", "num", "images"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.stores is not None and args.stores.exists() and any(args.stores.iterdir()):
@@ -80,8 +81,9 @@ def run_case_study(
     test: TensorImageDataset,
     transform: Callable[[Tensor], Tensor] | None = None,
     target_class: int | str | None = None,
-) -> tuple[ModelDiffReport, dict]:
-    """Train, record, compare and verify; returns the report and a JSON-able summary."""
+) -> tuple[ModelDiffReport, dict, tuple[list[nn.Module], list[nn.Module]]]:
+    """Train, record, compare and verify; returns the report, a JSON-able summary, and both
+    algorithms' trained models."""
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="modeldiff_") as temporary:
         root = args.stores or Path(temporary)
@@ -95,7 +97,7 @@ def run_case_study(
         (stores_a, models_a), (stores_b, models_b) = runs
         report = compare_algorithms(
             stores_a, stores_b, train, test, names=(a.name, b.name), num=args.num, transform=transform,
-            target_class=target_class, models_a=models_a, models_b=models_b, seed=args.seed,
+            target_class=target_class, models_a=models_a, models_b=models_b, images=args.images, seed=args.seed,
         )
     summary = {
         "accuracy": {a.name: accuracy(models_a, test), b.name: accuracy(models_b, test)},
@@ -105,7 +107,7 @@ def run_case_study(
         "models_per_algorithm": args.models, "epochs": args.epochs, "proj_dim": args.proj_dim, "seed": args.seed,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    return report, summary
+    return report, summary, (models_a, models_b)
 
 
 def finish(args: argparse.Namespace, report: ModelDiffReport, summary: dict, name: str, title: str, reporter: ReporterLike) -> Path:
@@ -113,6 +115,7 @@ def finish(args: argparse.Namespace, report: ModelDiffReport, summary: dict, nam
     picture and ``result.json`` under ``args.out``, and print the tables."""
     args.out.mkdir(parents=True, exist_ok=True)
     report.log(reporter, name)
+    report.save(args.out / "report")
     picture = args.out / f"modeldiff_{name}.png"
     report.plot(title=title).savefig(picture, dpi=110)
     (args.out / "result.json").write_text(json.dumps(summary, indent=2, default=float))

@@ -159,14 +159,18 @@ class DistinguishingDirections(AnalysisResult):
         positive, negative = order[:k], order[::-1][:k]
         return RankedTrainExamples(positive, w[positive], negative, w[negative])
 
-    def top_test(self, j: int, k: int = 10, side: Literal["positive", "negative"] = "positive") -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` test examples that load most on direction ``j`` (most positive loadings; the
-        most negative with ``side="negative"``): ``(indices, loadings)``."""
+    def top_test(self, j: int, k: int = 10, side: Literal["absolute", "positive", "negative"] = "absolute") -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` test examples that load most on direction ``j``: ``(indices, loadings)``.
+
+        By default the largest loadings in absolute value (a test example whose prediction A
+        makes *against* the direction's training examples loads negatively); ``side="positive"``
+        or ``"negative"`` keeps one sign."""
         loadings = self.test_loadings[:, self._check_direction(j)]
         k = self._check_k(k, loadings.size)
-        if side not in ("positive", "negative"):
-            raise ValueError(f"side must be 'positive' or 'negative', got {side!r}")
-        order = np.argsort(-loadings if side == "positive" else loadings, kind="stable")[:k]
+        keys = {"absolute": -np.abs(loadings), "positive": -loadings, "negative": loadings}
+        if side not in keys:
+            raise ValueError(f"side must be 'absolute', 'positive' or 'negative', got {side!r}")
+        order = np.argsort(keys[side], kind="stable")[:k]
         return order, loadings[order]
 
     def with_images(self, train: Dataset | torch.Tensor | np.ndarray, test: Dataset | torch.Tensor | np.ndarray, k: int = 8) -> "DistinguishingDirections":
