@@ -135,3 +135,19 @@ def test_compare_algorithms_bad_input(runs):
                            model_fn=lambda: ImageClassifier(DigitsCNN()))
     with pytest.raises(ValueError, match="training and .* test examples"):
         ModelDiff.from_stores(stores_a, stores_b).directions("a", 2).with_images(train, torch.zeros(5, 1, 8, 8))
+
+
+@pytest.mark.slow
+def test_two_runs_of_one_algorithm_on_digits_give_nothing_above_the_floor(tmp_path):
+    """The null on real TRAK scores: the same algorithm (plain training) recorded twice with
+    different seeds, 4 models each (the examples' --fast setting)."""
+    from lightning_tda.modeldiff.case_study import RECORD_EPOCHS
+
+    train, test = digits_splits()
+    common = dict(num_models=4, epochs=8, proj_dim=512, record_epochs=RECORD_EPOCHS, progress=False)
+    stores_a, _ = record_runs(tmp_path, "first", CaseStudyData(train, test), seed=100, **common)
+    stores_b, _ = record_runs(tmp_path, "second", CaseStudyData(train, test), seed=200, **common)
+    diff = ModelDiff.from_stores(stores_a, stores_b)
+    for of in ("a", "b"):
+        d = diff.directions(of, 3)
+        assert d.floor_measured and not d.distinguishing.any(), (of, d.gap, d.noise_floor)

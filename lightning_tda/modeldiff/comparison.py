@@ -95,7 +95,7 @@ class ModelDiff:
             docstring). Without them no direction is called distinguishing.
         residual_of: ``"normalized"`` (the paper: normalise, then the residual) or ``"raw"``
             (MadryLab's PyPI package: the residual of the raw scores).
-        method, oversample, power_iterations, seed: the PCA (see
+        method, oversample, power_iterations, seed, store_residual: the PCA (see
             :func:`~lightning_tda.modeldiff.functional.principal_components`).
         noise_margin: a direction is distinguishing when its variance gap exceeds this many
             times the noise floor.
@@ -123,6 +123,7 @@ class ModelDiff:
         power_iterations: int = 7,
         seed: int = 0,
         noise_margin: float = 1.5,
+        store_residual: bool = True,
     ) -> None:
         self.scores_a, self.scores_b = check_pair(scores_a, scores_b)
         self.names = _check_names(names)
@@ -132,7 +133,8 @@ class ModelDiff:
             raise ValueError(f"noise_margin must be > 0, got {noise_margin}")
         self.halves = {"a": self._check_halves(halves_a, "halves_a"), "b": self._check_halves(halves_b, "halves_b")}
         self.settings: dict[str, Any] = dict(
-            residual_of=residual_of, method=method, oversample=oversample, power_iterations=power_iterations, seed=seed
+            residual_of=residual_of, method=method, oversample=oversample, power_iterations=power_iterations, seed=seed,
+            store_residual=store_residual,
         )
         self.noise_margin = float(noise_margin)
         self._floors: dict[int, float] = {}

@@ -36,12 +36,14 @@ package reports ``||\\tilde A_c v||^2 / n_test`` as the variance (its total is t
 number is ``variance * total_variance`` here (both are returned). Both are tested against the
 package and against a plain numpy/sklearn computation.
 
-**Memory.** The residual is never formed for large inputs: ``R_c = D_\\alpha A - D_\\beta B -
-\\mathbf 1 \\mu^\\top`` with per-row scalars :math:`\\alpha, \\beta`, so its products with thin
-matrices are products with ``A`` and ``B`` (:class:`ResidualOperator`), and the PCA is a
-randomized SVD (Halko, Martinsson, Tropp 2011) with power iterations. Extra memory is
-``O((n_test + n_train) * (num + oversample))`` besides the inputs; no ``n_train x n_train`` or
-``n_test x n_train`` matrix is made. Small inputs take an exact SVD of the dense residual.
+**Memory.** The centred residual is never formed: ``R_c = D_\\alpha A - D_\\beta B - \\mathbf 1
+\\mu^\\top`` with per-row scalars :math:`\\alpha, \\beta`, so its products with thin matrices are
+products with ``A`` and ``B``, or with the uncentred residual ``D_\\alpha A - D_\\beta B`` held in
+memory (:class:`ResidualOperator`; ``store_residual``, the default, halves the passes over
+memory for 0.5x the two inputs' size), and the PCA is a randomized SVD (Halko, Martinsson,
+Tropp 2011) with power iterations. Besides that, extra memory is ``O((n_test + n_train) * (num +
+oversample))``; no ``n_train x n_train`` matrix is ever made. Small inputs take an exact SVD of
+the dense residual.
 """
 
 from __future__ import annotations
@@ -104,22 +106,32 @@ def _block_rows(n_cols: int) -> int:
 
 
 def row_statistics(a: Tensor, b: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Row norms of ``a`` (and of ``b``, and the row inner products ``<a_i, b_i>``), in float64,
-    computed in row blocks (no temporary of the inputs' size)."""
+    """Row norms of ``a`` (and of ``b``, and the row inner products ``<a_i, b_i>``), computed in
+    the inputs' dtype in row blocks (no temporary of the inputs' size; torch's float64 reductions
+    of float32 data are 20x slower on the CPU) and returned in float64."""
     n, d = a.shape
-    norm_a = torch.empty(n, dtype=torch.float64)
-    norm_b = torch.empty(n, dtype=torch.float64) if b is not None else None
-    dots = torch.empty(n, dtype=torch.float64) if b is not None else None
+    norm_a = torch.empty(n, dtype=a.dtype)
+    norm_b = torch.empty(n, dtype=a.dtype) if b is not None else None
+    dots = torch.empty(n, dtype=a.dtype) if b is not None else None
     step = _block_rows(d)
     for lo in range(0, n, step):
         hi = min(lo + step, n)
-        block_a = a[lo:hi].double()
-        norm_a[lo:hi] = torch.linalg.vector_norm(block_a, dim=1)
+        norm_a[lo:hi] = torch.linalg.vector_norm(a[lo:hi], dim=1)
         if b is not None:
-            block_b = b[lo:hi].double()
-            norm_b[lo:hi] = torch.linalg.vector_norm(block_b, dim=1)  # type: ignore[index]
-            dots[lo:hi] = (block_a * block_b).sum(1)  # type: ignore[index]
-    return norm_a, norm_b, dots
+            norm_b[lo:hi] = torch.linalg.vector_norm(b[lo:hi], dim=1)  # type: ignore[index]
+            dots[lo:hi] = (a[lo:hi] * b[lo:hi]).sum(1)  # type: ignore[index]
+    return norm_a.double(), None if norm_b is None else norm_b.double(), None if dots is None else dots.double()
+
+
+def _times(x: Tensor, matrix: Tensor) -> Tensor:
+    """``matrix @ x`` for a thin ``x``, computed as ``(x^T matrix^T)^T``: BLAS runs the wide
+    product about twice as fast on the CPU (measured for ``[2000, 10000] @ [10000, 15]``)."""
+    return (x.T @ matrix.T).T
+
+
+def _times_transposed(y: Tensor, matrix: Tensor) -> Tensor:
+    """``matrix^T @ y`` for a thin ``y``, as ``(y^T matrix)^T``."""
+    return (y.T @ matrix).T
 
 
 def _check_rows(norms: Tensor, name: str) -> None:
@@ -159,10 +171,11 @@ class ResidualOperator:
             alpha, beta = torch.ones_like(norm_a), dots / norm_b**2
         self.alpha, self.beta = alpha.to(a.dtype), beta.to(a.dtype)
         n = a.shape[0]
-        self.mean = (self.a.T @ self.alpha - self.b.T @ self.beta) / n  # [n_train]
+        self.mean = (self.alpha @ self.a - self.beta @ self.b) / n  # [n_train]
         row_sq = alpha**2 * norm_a**2 - 2 * alpha * beta * dots + beta**2 * norm_b**2  # ||r_i||^2
         self.frobenius_sq = float(row_sq.clamp_min(0).sum() - n * float((self.mean.double() ** 2).sum()))
         self.scale_sq = float((alpha**2 * norm_a**2).sum())  # ||D_alpha A||_F^2: the size of the inputs
+        self.stored: Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -174,16 +187,36 @@ class ResidualOperator:
 
     def matmul(self, x: Tensor) -> Tensor:
         """``R_c @ x`` for ``x`` ``[n_train, q]``: ``[n_test, q]``."""
-        return self.alpha[:, None] * (self.a @ x) - self.beta[:, None] * (self.b @ x) - (self.mean @ x)[None, :]
+        shift = (self.mean @ x)[None, :]
+        if self.stored is not None:
+            return _times(x, self.stored) - shift
+        return self.alpha[:, None] * _times(x, self.a) - self.beta[:, None] * _times(x, self.b) - shift
 
     def rmatmul(self, y: Tensor) -> Tensor:
         """``R_c^T @ y`` for ``y`` ``[n_test, q]``: ``[n_train, q]``."""
-        return self.a.T @ (self.alpha[:, None] * y) - self.b.T @ (self.beta[:, None] * y) - self.mean[:, None] * y.sum(0)[None, :]
+        correction = self.mean[:, None] * y.sum(0)[None, :]
+        if self.stored is not None:
+            return _times_transposed(y, self.stored) - correction
+        return _times_transposed(self.alpha[:, None] * y, self.a) - _times_transposed(self.beta[:, None] * y, self.b) - correction
 
     def dense(self, centred: bool = True) -> Tensor:
         """The residual matrix itself ``[n_test, n_train]`` (for small inputs and tests)."""
         r = self.alpha[:, None] * self.a - self.beta[:, None] * self.b
         return r - self.mean[None, :] if centred else r
+
+    def store(self) -> None:
+        """Hold the uncentred residual in memory (one more matrix of the inputs' size, built in
+        row blocks): each product then reads one matrix instead of both inputs, twice as fast."""
+        if self.stored is not None:
+            return
+        n, d = self.shape
+        stored = torch.empty(n, d, dtype=self.dtype)
+        step = _block_rows(d)
+        for lo in range(0, n, step):
+            hi = min(lo + step, n)
+            torch.mul(self.a[lo:hi], self.alpha[lo:hi, None], out=stored[lo:hi])
+            stored[lo:hi].sub_(self.b[lo:hi] * self.beta[lo:hi, None])
+        self.stored = stored
 
 
 def residual(scores_a: ArrayLike, scores_b: ArrayLike, residual_of: ResidualOf = "normalized") -> Tensor:
@@ -223,13 +256,16 @@ def principal_components(
     oversample: int = 10,
     power_iterations: int = 7,
     seed: int = 0,
+    store_residual: bool = True,
 ) -> PrincipalComponents:
     """The top ``num`` principal components of the centred residual (module docstring, step 3).
 
     ``method="exact"`` takes the SVD of the dense centred residual; ``"randomized"`` a randomized
     SVD of the operator with ``num + oversample`` columns and ``power_iterations`` power
     iterations (re-orthonormalised every half step), from ``torch.Generator`` seed ``seed``;
-    ``"auto"`` is exact up to :data:`EXACT_MAX_ENTRIES` entries.
+    ``"auto"`` is exact up to :data:`EXACT_MAX_ENTRIES` entries. ``store_residual`` holds the
+    uncentred residual in memory for the randomized SVD (peak memory 1.5x the two inputs, about
+    twice as fast); ``False`` keeps it implicit (the inputs plus thin matrices only).
     """
     n, d = operator.shape
     if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 1:
@@ -248,6 +284,8 @@ def principal_components(
         _, s, vh = torch.linalg.svd(operator.dense(centred=True), full_matrices=False)
         s, vh = s[:num], vh[:num]
     else:
+        if store_residual:
+            operator.store()
         s, vh = _randomized_svd(operator, num, oversample, power_iterations, seed)
     tolerance = float(torch.finfo(operator.dtype).eps) ** 0.5 * max(operator.scale_sq, 1e-300) ** 0.5
     rank = int((s > tolerance).sum())
@@ -259,6 +297,7 @@ def principal_components(
         )
     components = _orient(vh)
     loadings = operator.matmul(components.T)
+    operator.stored = None  # free it before the variances are computed
     total = max(operator.frobenius_sq, 1e-300)
     return PrincipalComponents(components, loadings, s, (s.double() ** 2 / total).to(s.dtype))
 
@@ -289,10 +328,10 @@ def variance_along(scores: ArrayLike, directions: ArrayLike, name: str = "scores
     _check_rows(norms, name)
     inverse = (1.0 / norms).to(x.dtype)
     n = x.shape[0]
-    projections = inverse[:, None] * (x @ v.T)  # [n, num]: normalised rows times directions
+    projections = inverse[:, None] * _times(v.T, x)  # [n, num]: normalised rows times directions
     projections = projections - projections.mean(0, keepdim=True)
     variance = (projections.double() ** 2).sum(0) / n
-    mean_row = (x.T @ inverse).double() / n
+    mean_row = (inverse @ x).double() / n
     total = 1.0 - float((mean_row**2).sum())  # rows have unit norm: ||X_c||_F^2 / n = 1 - ||mean||^2
     return (variance / max(total, 1e-300)).to(x.dtype), total
 
@@ -321,6 +360,7 @@ def residual_pca(
     oversample: int = 10,
     power_iterations: int = 7,
     seed: int = 0,
+    store_residual: bool = True,
 ) -> ResidualPCA:
     """Steps 1-4 of the module docstring: the ``num`` directions A uses and B does not.
 
@@ -330,7 +370,7 @@ def residual_pca(
     """
     a, b = check_pair(scores_a, scores_b)
     operator = ResidualOperator(a, b, residual_of)
-    pcs = principal_components(operator, num, method, oversample, power_iterations, seed)
+    pcs = principal_components(operator, num, method, oversample, power_iterations, seed, store_residual)
     variance_a, total_a = variance_along(a, pcs.components, "scores_a")
     variance_b, total_b = variance_along(b, pcs.components, "scores_b")
     return ResidualPCA(
