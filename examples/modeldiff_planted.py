@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lightning_tda.arguments import fraction, positive_int
 from lightning_tda.data import TensorImageDataset
 from lightning_tda.modeldiff import PastePatch, square_patch
 from lightning_tda.modeldiff.case_study import Algorithm, case_study_parser, finish, parse_case_study_args, run_case_study
@@ -70,16 +71,10 @@ def plant(train: TensorImageDataset, test: TensorImageDataset, target: int, coun
 
 def main(argv: list[str] | None = None) -> dict:
     parser = case_study_parser(__doc__, "planted")
-    parser.add_argument("--planted-class", type=int, default=4)
-    parser.add_argument("--planted", type=int, default=40, help="training images that get the square and the planted class's label")
-    parser.add_argument("--test-fraction", type=float, default=0.4, help="share of the test images that get the square")
+    parser.add_argument("--planted-class", type=int, choices=range(10), default=4, metavar="{0..9}")
+    parser.add_argument("--planted", type=positive_int, default=40, help="training images that get the square and the planted class's label")
+    parser.add_argument("--test-fraction", type=fraction, default=0.4, help="share of the test images that get the square")
     args = parse_case_study_args(parser, argv)
-    if not 0 <= args.planted_class <= 9:
-        parser.error(f"--planted-class must be a digit 0-9, got {args.planted_class}")
-    if args.planted < 1:
-        parser.error(f"--planted must be >= 1, got {args.planted}")
-    if not 0 < args.test_fraction <= 1:
-        parser.error(f"--test-fraction must be in (0, 1], got {args.test_fraction}")
     clean_train, clean_test = digits_splits()
     train, test, planted, planted_test = plant(clean_train, clean_test, args.planted_class, args.planted, args.test_fraction, args.seed)
     a = Algorithm("plain", CaseStudyData(train, test))

@@ -19,6 +19,7 @@ Writes the figures, image tables and result.json under ``--out`` (runs/modeldiff
 
 from __future__ import annotations
 
+from lightning_tda.arguments import positive_int
 from lightning_tda.modeldiff import ChangeIntensity, GaussianBlur, Rotate, Shift
 from lightning_tda.modeldiff.case_study import Algorithm, case_study_parser, finish, parse_case_study_args, run_case_study
 from lightning_tda.modeldiff.digits import CaseStudyData, digits_splits, fine_tune_start, rotation_pretrained
@@ -35,11 +36,9 @@ TRANSFORMS = {
 def main(argv: list[str] | None = None) -> dict:
     parser = case_study_parser(__doc__, "pretraining")
     parser.add_argument("--verify", choices=sorted(TRANSFORMS), default="rotate", help="the transformation to verify (target: each image's own label)")
-    parser.add_argument("--pretrain-epochs", type=int, default=None, help="epochs of the rotation task (default 10; 3 with --fast)")
+    parser.add_argument("--pretrain-epochs", type=positive_int, default=None, help="epochs of the rotation task (default 10; 3 with --fast)")
     args = parse_case_study_args(parser, argv)
     pretrain_epochs = args.pretrain_epochs if args.pretrain_epochs is not None else (3 if args.fast else 10)
-    if pretrain_epochs < 1:
-        parser.error(f"--pretrain-epochs must be >= 1, got {pretrain_epochs}")
     train, test = digits_splits()
     pretrained = rotation_pretrained(train, epochs=pretrain_epochs, seed=args.seed + 7)
     a = Algorithm("scratch", CaseStudyData(train, test))

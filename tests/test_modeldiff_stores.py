@@ -4,6 +4,7 @@ and its logging to files and to an offline W&B run."""
 from __future__ import annotations
 
 import csv
+import time
 from pathlib import Path
 
 import numpy as np
@@ -116,8 +117,13 @@ def test_report_goes_to_an_offline_wandb_run(runs, tmp_path, monkeypatch):
     run = logger.experiment
     run_dir, run_id = Path(run.dir).parent, run.id
     run.finish()
-    rows = history_rows(read_wandb_records(run_dir / f"run-{run_id}.wandb"))
-    logged = {key: value for row in rows for key, value in row.items() if not key.startswith(("_", "trainer/"))}
+    expected = {"md_directions_a", "md_summary", "md_directions_a_direction0_examples", "md_verification_examples"}
+    for _ in range(30):  # the run file can trail run.finish() on a loaded machine
+        rows = history_rows(read_wandb_records(run_dir / f"run-{run_id}.wandb"))
+        logged = {key: value for row in rows for key, value in row.items() if not key.startswith(("_", "trainer/"))}
+        if expected <= set(logged):
+            break
+        time.sleep(1)
     assert logged["md_directions_a"]["_type"] == "image-file" and logged["md_summary"]["_type"] == "image-file"
     table = logged["md_directions_a_direction0_examples"]
     assert table["_type"] == "table-file" and table["nrows"] == 3

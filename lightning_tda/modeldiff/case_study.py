@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import lightning as L
 from torch import Tensor, nn
 
+from lightning_tda.arguments import new_directory, positive_int
 from lightning_tda.data import TensorImageDataset
 from lightning_tda.modeldiff.digits import accuracy, record_runs
 from lightning_tda.modeldiff.pipeline import ModelDiffReport, compare_algorithms, markdown_table
@@ -41,22 +42,24 @@ class Algorithm:
 
 
 def case_study_parser(description: str | None, name: str) -> argparse.ArgumentParser:
-    """The arguments every case study takes."""
+    """The arguments every case study takes (checked types: a bad value exits with code 2
+    before anything runs)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fast", action="store_true", help="4 models per algorithm, 8 epochs, k = 512 (about a minute)")
-    parser.add_argument("--models", type=int, default=None, help="models per algorithm, >= 2 (default 10; 4 with --fast)")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 15; 8 with --fast)")
-    parser.add_argument("--proj-dim", type=int, default=None, help="TRAK projection dimension k (default 1024; 512 with --fast)")
-    parser.add_argument("--num", type=int, default=3, help="directions per algorithm")
-    parser.add_argument("--images", type=int, default=8, help="top training and test images shown per direction")
+    parser.add_argument("--models", type=positive_int, default=None, help="models per algorithm, >= 2 (default 10; 4 with --fast)")
+    parser.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default 15; 8 with --fast)")
+    parser.add_argument("--proj-dim", type=positive_int, default=None, help="TRAK projection dimension k (default 1024; 512 with --fast)")
+    parser.add_argument("--num", type=positive_int, default=3, help="directions per algorithm")
+    parser.add_argument("--images", type=positive_int, default=8, help="top training and test images shown per direction")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path(f"runs/modeldiff_{name}"), help="figures, tables and result.json")
-    parser.add_argument("--stores", type=Path, default=None, help="a new directory for the RunStores (default: a temporary one, removed at the end)")
+    parser.add_argument("--out", type=new_directory, default=Path(f"runs/modeldiff_{name}"), help="figures, tables and result.json")
+    parser.add_argument("--stores", type=new_directory, default=None,
+                        help="a new directory for the RunStores (default: a temporary one, removed at the end)")
     return parser
 
 
 def parse_case_study_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse, fill the ``--fast`` defaults, and check the values (clear errors)."""
+    """Parse, fill the ``--fast`` defaults, and check what the types cannot (clear errors, exit 2)."""
     args = parser.parse_args(argv)
     fast = {"models": 4, "epochs": 8, "proj_dim": 512}
     full = {"models": 10, "epochs": 15, "proj_dim": 1024}
@@ -65,9 +68,6 @@ def parse_case_study_args(parser: argparse.ArgumentParser, argv: Sequence[str] |
             setattr(args, key, (fast if args.fast else full)[key])
     if args.models < 2:
         parser.error(f"--models must be >= 2 (the noise floor needs two halves of each algorithm's models), got {args.models}")
-    for key in ("epochs", "proj_dim", "num", "images"):
-        if getattr(args, key) < 1:
-            parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.stores is not None and args.stores.exists() and any(args.stores.iterdir()):
         parser.error(f"--stores {args.stores} is not empty: give a new directory (every run records into a new store)")
     return args
