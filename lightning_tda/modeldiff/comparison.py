@@ -19,6 +19,13 @@ the models, so its scores are noisier than the full comparison's and the floor e
 side. A direction is *distinguishing* when its gap exceeds ``noise_margin * floor`` (1.5 by
 default: clearly above, not at, the largest gap seen between halves of one algorithm). The floor
 needs at least two models per algorithm.
+
+**Reading the gap.** The residual of B against A subtracts B's projection on A's attribution
+vector, so a feature only A uses can show up among B's top residual directions too, with a minus
+sign: its variance is then larger under A and its gap negative, and it is not called
+distinguishing for B. Variance fractions are shares of each algorithm's total, so a strong
+feature of A lowers A's share along every other direction a little (B's directions gain gap);
+the margin of 1.5 covers that in our synthetic checks.
 """
 
 from __future__ import annotations
@@ -44,19 +51,29 @@ if TYPE_CHECKING:
     from lightning_tda.attribution import Scorer
 
 
+def fingerprint_of(store: RunStore, split: str) -> dict[str, Any] | None:
+    """The recorded fingerprint (size, label hash) of ``split``'s dataset in ``store``, or None."""
+    return store.manifest.get("fingerprints", {}).get(split)
+
+
+def algorithm_of(store: RunStore) -> str | None:
+    """The algorithm label ``store`` was created with, or None."""
+    return store.manifest.get("algorithm")
+
+
 def check_same_datasets(stores: Sequence[RunStore], splits: Sequence[str]) -> None:
     """Raise unless every store was recorded on the same ``splits`` datasets (equal fingerprints);
     the error names both stores."""
     reference = stores[0]
     for split in splits:
-        expected = reference.manifest.get("fingerprints", {}).get(split)
+        expected = fingerprint_of(reference, split)
         if expected is None:
             raise StoreError(
                 f"the RunStore at {reference.path} has no {split!r} dataset recorded; record that split "
                 "(the GradientRecorder's splits) or pass the split names it has"
             )
         for store in stores[1:]:
-            found = store.manifest.get("fingerprints", {}).get(split)
+            found = fingerprint_of(store, split)
             if found != expected:
                 raise FingerprintMismatchError(
                     f"the RunStores at {reference.path} and {store.path} were recorded on different "
@@ -203,7 +220,7 @@ class ModelDiff:
                     )
         scorer = scorer if scorer is not None else TRAK(progress=False)
         if names is None:
-            labels = (stores_a[0].manifest.get("algorithm"), stores_b[0].manifest.get("algorithm"))
+            labels = (algorithm_of(stores_a[0]), algorithm_of(stores_b[0]))
             names = labels if all(labels) and labels[0] != labels[1] else ("A", "B")
 
         def score(stores: list[RunStore]) -> np.ndarray:
