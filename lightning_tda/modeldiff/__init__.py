@@ -9,7 +9,9 @@ predictions use the training data.
 - ``transformations.py`` and ``verification.py``: feature transformations and :func:`verify`,
   the counterfactual check with bootstrap intervals over models;
 - ``plots.py``: the figures; ``pipeline.py``: :func:`compare_algorithms`, the whole analysis from
-  stores in one call (what the demo runs).
+  stores in one call; ``demo.py``: :func:`~lightning_tda.modeldiff.demo.digits_model_diff`, the
+  fast comparison of the ``lightning-tda demo``'s digits stores (imported from there: it needs the
+  recorders and models).
 """
 
 from lightning_tda.modeldiff.comparison import ModelDiff, check_same_datasets

@@ -46,7 +46,8 @@ def plot_direction_variances(directions: "DistinguishingDirections", ax: "Axes |
         ax.hlines(needed, x + own_offset - width / 2, x + own_offset + width / 2, colors="black", linewidth=2,
                   label=f"needed: other + {directions.noise_margin:g} x noise floor")
         for j in np.flatnonzero(directions.distinguishing):
-            ax.annotate("*", (x[j] + own_offset, directions.variance_own[j]), ha="center", va="bottom", fontsize=14)
+            top = max(float(directions.variance_own[j]), float(needed[j]))
+            ax.annotate("*", (x[j] + own_offset, top), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=14)
     ax.set_xticks(x, [f"{j}" for j in x])
     ax.set_xlabel(f"direction of {directions.name} (not {directions.other})")
     ax.set_ylabel("fraction of variance")
