@@ -12,8 +12,8 @@ halves of one algorithm's models. The verification then applies a feature transf
 algorithm's probability of the correct class: models that never saw shifted digits should depend
 more on exact pixel positions.
 
-    python examples/modeldiff_augmentation.py            # 10 models per algorithm, a few minutes on 2 cores
-    python examples/modeldiff_augmentation.py --fast     # 4 models per algorithm, about a minute
+    python examples/modeldiff_augmentation.py            # 10 models per algorithm, 5-15 minutes at 1 thread
+    python examples/modeldiff_augmentation.py --fast     # 4 models per algorithm, 1-4 minutes
 
 Writes the figures, image tables and result.json under ``--out`` (runs/modeldiff_augmentation).
 """

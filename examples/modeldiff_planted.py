@@ -18,8 +18,8 @@ carry the square, and its variance gap is clearly above the noise floor; pasting
 test images of other classes raises A's probability of the planted class (the bootstrap interval
 over models excludes 0) and not B's.
 
-    python examples/modeldiff_planted.py            # 10 models per algorithm, a few minutes on 2 cores
-    python examples/modeldiff_planted.py --fast     # 4 models per algorithm, about a minute
+    python examples/modeldiff_planted.py            # 10 models per algorithm, 5-15 minutes at 1 thread
+    python examples/modeldiff_planted.py --fast     # 4 models per algorithm, 1-4 minutes
 
 Writes the figures, image tables and result.json under ``--out`` (runs/modeldiff_planted).
 """

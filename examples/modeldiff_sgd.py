@@ -13,8 +13,8 @@ the noise floor of two halves of one algorithm's models; the verification applie
 transformation (``--verify``) to the test images and compares how much it moves each algorithm's
 probability of the correct class.
 
-    python examples/modeldiff_sgd.py            # 10 models per algorithm, a few minutes on 2 cores
-    python examples/modeldiff_sgd.py --fast     # 4 models per algorithm, about a minute
+    python examples/modeldiff_sgd.py            # 10 models per algorithm, 5-15 minutes at 1 thread
+    python examples/modeldiff_sgd.py --fast     # 4 models per algorithm, 1-4 minutes
 
 Writes the figures, image tables and result.json under ``--out`` (runs/modeldiff_sgd).
 """

@@ -45,7 +45,7 @@ def case_study_parser(description: str | None, name: str) -> argparse.ArgumentPa
     """The arguments every case study takes (checked types: a bad value exits with code 2
     before anything runs)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fast", action="store_true", help="4 models per algorithm, 8 epochs, k = 512 (about a minute)")
+    parser.add_argument("--fast", action="store_true", help="4 models per algorithm, 8 epochs, k = 512 (1-4 minutes)")
     parser.add_argument("--models", type=positive_int, default=None, help="models per algorithm, >= 2 (default 10; 4 with --fast)")
     parser.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default 15; 8 with --fast)")
     parser.add_argument("--proj-dim", type=positive_int, default=None, help="TRAK projection dimension k (default 1024; 512 with --fast)")
