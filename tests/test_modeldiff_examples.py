@@ -23,7 +23,7 @@ def load(name: str):
 @pytest.mark.parametrize("name", CASES)
 def test_case_study_runs_tiny(name, tmp_path, capsys):
     extra = ["--pretrain-epochs", "1"] if name == "modeldiff_pretraining" else []
-    result = load(name).main(["--fast", "--models", "2", "--epochs", "2", "--proj-dim", "32", "--num", "1", "--images", "3",
+    result = load(name).main(["--fast", "--models", "2", "--epochs", "1", "--proj-dim", "32", "--num", "1", "--images", "3",
                               "--out", str(tmp_path / "out"), *extra])
     assert json.loads((tmp_path / "out" / "result.json").read_text())["models_per_algorithm"] == 2
     assert (tmp_path / "out" / f"{name}.png").stat().st_size > 10_000
