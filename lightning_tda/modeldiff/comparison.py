@@ -45,20 +45,16 @@ from lightning_tda.modeldiff.functional import (
     max_rank,
     residual_pca,
 )
-from lightning_tda.store import FingerprintMismatchError, RunStore, StoreError
+from lightning_tda import schema
+from lightning_tda.store import FingerprintMismatchError, RunStore, StoreError, fingerprint_of
 
 if TYPE_CHECKING:
     from lightning_tda.attribution import Scorer
 
 
-def fingerprint_of(store: RunStore, split: str) -> dict[str, Any] | None:
-    """The recorded fingerprint (size, label hash) of ``split``'s dataset in ``store``, or None."""
-    return store.manifest.get("fingerprints", {}).get(split)
-
-
 def algorithm_of(store: RunStore) -> str | None:
     """The algorithm label ``store`` was created with, or None."""
-    return store.manifest.get("algorithm")
+    return store.manifest.get(schema.ALGORITHM)
 
 
 def check_same_datasets(stores: Sequence[RunStore], splits: Sequence[str]) -> None:
@@ -77,8 +73,8 @@ def check_same_datasets(stores: Sequence[RunStore], splits: Sequence[str]) -> No
             if found != expected:
                 raise FingerprintMismatchError(
                     f"the RunStores at {reference.path} and {store.path} were recorded on different "
-                    f"{split!r} datasets (sizes {expected.get('size')} and "
-                    f"{None if found is None else found.get('size')}, label hashes differ or are missing); "
+                    f"{split!r} datasets (sizes {expected.get(schema.FINGERPRINT_SIZE)} and "
+                    f"{None if found is None else found.get(schema.FINGERPRINT_SIZE)}, label hashes differ or are missing); "
                     "ModelDiff compares algorithms on the same training and test examples"
                 )
 
@@ -194,7 +190,7 @@ class ModelDiff:
         stores_a: RunStore | Sequence[RunStore],
         stores_b: RunStore | Sequence[RunStore],
         scorer: "Scorer | None" = None,
-        train_split: str = "train",
+        train_split: str = schema.TRAIN_SPLIT,
         test_split: str = "val",
         names: Sequence[str] | None = None,
         noise_floor: bool = True,

@@ -16,11 +16,12 @@ from typing import Callable, Sequence
 from torch import Tensor, nn
 
 from lightning_tda.data import TensorImageDataset, dataset_fingerprint
-from lightning_tda.modeldiff.comparison import check_same_datasets, fingerprint_of
+from lightning_tda import schema
+from lightning_tda.modeldiff.comparison import check_same_datasets
 from lightning_tda.modeldiff.digits import digits_splits
 from lightning_tda.modeldiff.pipeline import ModelDiffReport, compare_algorithms
 from lightning_tda.modeldiff.transformations import Shift
-from lightning_tda.store import RunStore
+from lightning_tda.store import RunStore, fingerprint_of
 
 
 def digits_classifier() -> nn.Module:
@@ -30,19 +31,19 @@ def digits_classifier() -> nn.Module:
     return ImageClassifier(DigitsCNN())
 
 
-def recorded_digits(stores: Sequence[RunStore], train_split: str = "train", test_split: str = "val",
+def recorded_digits(stores: Sequence[RunStore], train_split: str = schema.TRAIN_SPLIT, test_split: str = "val",
                     split_seed: int = 0) -> tuple[TensorImageDataset, TensorImageDataset]:
     """The digits train and test datasets the stores were recorded on: the
     :class:`~lightning_tda.data.DigitsDataModule` split (``split_seed``) cut to the recorded
     training size, checked against the stores' fingerprints (a clear error on a mismatch)."""
     check_same_datasets(stores, (train_split, test_split))
     wanted = {split: fingerprint_of(stores[0], split) for split in (train_split, test_split)}
-    train, test = digits_splits(n_train=wanted[train_split]["size"], split_seed=split_seed)
+    train, test = digits_splits(n_train=wanted[train_split][schema.FINGERPRINT_SIZE], split_seed=split_seed)
     for split, dataset in ((train_split, train), (test_split, test)):
         if dataset_fingerprint(dataset) != dict(wanted[split]):
             raise ValueError(
                 f"the {split!r} dataset recorded in {stores[0].path} is not the digits split (split_seed={split_seed}, "
-                f"n_train={wanted[train_split]['size']}); pass train_dataset and test_dataset to "
+                f"n_train={wanted[train_split][schema.FINGERPRINT_SIZE]}); pass train_dataset and test_dataset to "
                 "compare_algorithms instead"
             )
     return train, test

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from lightning_tda import schema
 from lightning_tda.callbacks import CheckpointRecorder, GradientRecorder
 from lightning_tda.data import DigitsDataModule, TensorImageDataset
 from lightning_tda.models import DigitsCNN, ImageClassifier
@@ -129,7 +130,7 @@ def record_runs(
             max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
             callbacks=[
-                GradientRecorder(str(path), proj_dim=proj_dim, splits=("train", "val"),
+                GradientRecorder(str(path), proj_dim=proj_dim, splits=(schema.TRAIN_SPLIT, "val"),
                                  at_epochs=[e for e in record_epochs if e < epochs - 1] or None),
                 CheckpointRecorder(str(path), every_n_epochs=None, on_fit_end=True),
             ],

@@ -18,6 +18,7 @@ import numpy as np
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from lightning_tda import schema
 from lightning_tda.modeldiff.comparison import ModelDiff
 from lightning_tda.modeldiff.directions import DistinguishingDirections
 from lightning_tda.modeldiff.verification import VerificationResult, verify
@@ -105,7 +106,7 @@ def compare_algorithms(
     names: Sequence[str] | None = None,
     num: int = 5,
     scorer: "Scorer | None" = None,
-    train_split: str = "train",
+    train_split: str = schema.TRAIN_SPLIT,
     test_split: str = "val",
     transform: Callable[[Tensor], Tensor] | None = None,
     target_class: int | str | None = None,
