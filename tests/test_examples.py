@@ -14,6 +14,7 @@ OWN_TEST = {
     "dcor_transfer_attacks.py": "test_example_dcor_recipes.py",
     "dcor_layers.py": "test_example_dcor_recipes.py",
     "dcor_conditioning.py": "test_example_dcor_recipes.py",
+    **{f"modeldiff_{case}.py": "test_modeldiff_examples.py" for case in ("augmentation", "pretraining", "sgd", "planted")},
 }
 FAST_EXAMPLES = sorted(p.name for p in (REPO / "examples").glob("*.py") if p.name not in OWN_TEST)
 
