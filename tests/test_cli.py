@@ -46,6 +46,8 @@ def stores(tmp_path_factory) -> dict[str, Path]:
         "b": record(root, "b", 1),
         "margins_only": record(root, "margins_only", 2, gradients=False),
         "other_data": record(root, "other_data", 3, split_seed=1),
+        "c": record(root, "c", 4),
+        "d": record(root, "d", 5),
         "root": root,
     }
 
@@ -55,7 +57,7 @@ def tree(root: Path) -> dict[str, str]:
 
 
 def test_every_subcommand_has_help(capsys):
-    for command in ["attribute", "lds", "diversity", "report", "sweep"]:
+    for command in ["demo", "attribute", "lds", "modeldiff", "diversity", "report", "sweep"]:
         with pytest.raises(SystemExit) as done:
             main([command, "--help"])
         assert done.value.code == 0
@@ -82,6 +84,15 @@ def test_diversity(stores, tmp_path):
     out = tmp_path / "diversity"
     assert main(["diversity", str(stores["a"]), str(stores["b"]), str(stores["margins_only"]), "--out", str(out)]) == 0
     assert (out / "report.html").exists() and any((out / "figures").iterdir())
+
+
+def test_modeldiff(stores, tmp_path, capsys):
+    out = tmp_path / "modeldiff"
+    args = ["modeldiff", "--a", str(stores["a"]), str(stores["b"]), "--b", str(stores["c"]), str(stores["d"])]
+    assert main([*args, "--num", "2", "--names", "[first, second]", "--out", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert "ModelDiff" in page and page.count("data:image/png;base64,") >= 4
+    assert "noise_floor" in capsys.readouterr().out
 
 
 def test_sweep_on_two_processes_equals_one_and_lds(stores, tmp_path):
@@ -137,6 +148,8 @@ BAD = [
     ("an unknown scorer", lambda s, o: ["attribute", str(s["a"]), "--scorer", "magic", "--out", o], r'"scorer".*Got value: magic'),
     ("stores of different datasets", lambda s, o: ["attribute", str(s["a"]), str(s["other_data"]), "--out", o], r"a and .*other_data were recorded on different 'train' datasets"),
     ("diversity of different datasets", lambda s, o: ["diversity", str(s["a"]), str(s["other_data"]), "--out", o], r"a and .*other_data were recorded on different 'val' datasets"),
+    ("modeldiff of different datasets", lambda s, o: ["modeldiff", "--a", str(s["a"]), str(s["b"]), "--b", str(s["c"]), str(s["other_data"]), "--out", o], r"a and .*other_data were recorded on different 'train' datasets"),
+    ("modeldiff with one run of B", lambda s, o: ["modeldiff", "--a", str(s["a"]), str(s["b"]), "--b", str(s["c"]), "--out", o], r"at least 2 runs per algorithm"),
     ("lds against a store that is no sweep", lambda s, o: ["lds", str(s["a"]), "--sweep", str(s["b"]), "--out", o], r"holds no subset sweep"),
     ("a report into a store", lambda s, o: ["report", str(s["a"]), "--out", str(s["b"])], r"--out .* is a RunStore"),
     ("a sweep with alpha 0", lambda s, o: ["sweep", "--store", o, "--alpha", "0"], r"--alpha must be in \(0, 1\]"),

@@ -250,6 +250,78 @@ diversity_command.positional = "stores"  # type: ignore[attr-defined]
 diversity_command.positional_help = "RunStore paths recorded with logits"  # type: ignore[attr-defined]
 
 
+def modeldiff_command(
+    a: list[str],
+    b: list[str],
+    names: list[str] | None = None,
+    num: int = 5,
+    scorer: ScorerName = "trak",
+    train_split: str = "train",
+    test_split: str = "val",
+    out: str = "runs/modeldiff",
+    wandb: bool = False,
+) -> Path:
+    """How two learning algorithms differ in the training data they use (ModelDiff).
+
+    Scores each algorithm's runs with --scorer (averaged over its STOREs), then finds the
+    distinguishing training directions of each: weightings of the training set that one
+    algorithm's predictions depend on and the other's do not, with a noise floor from halves of
+    each algorithm's models (at least 2 runs each). Writes tables and figures of the directions
+    and their top training and test examples (with images for the bundled digits).
+
+    Args:
+        a: RunStore paths of algorithm A, one per training run (projected gradients recorded).
+        b: RunStore paths of algorithm B, recorded on the same datasets as A's.
+        names: the two algorithms' names (default: the stores' algorithm labels, else A and B).
+        num: directions per algorithm.
+        scorer: the attribution scorer.
+        train_split: the split whose examples are attributed.
+        test_split: the split whose predictions are explained.
+        out: report directory.
+        wandb: also log to a W&B run.
+    """
+    from lightning_tda.attribution.features import gradient_records
+    from lightning_tda.modeldiff import compare_algorithms
+
+    runs_a, runs_b = open_stores(a, "--a STORE"), open_stores(b, "--b STORE")
+    if len(runs_a) < 2 or len(runs_b) < 2:
+        raise ValueError(
+            f"ModelDiff's noise floor needs at least 2 runs per algorithm (got {len(runs_a)} for --a and "
+            f"{len(runs_b)} for --b); record more runs of each"
+        )
+    if names is not None and len(names) != 2:
+        raise ValueError(f"--names takes two names (A's and B's), got {len(names)}")
+    if num < 1:
+        raise ValueError(f"--num must be >= 1, got {num}")
+    check_same_datasets([*runs_a, *runs_b], [train_split, test_split])
+    for store in (*runs_a, *runs_b):
+        gradient_records(store)  # a clear error for a store without gradients
+    target = check_output_dir(out)
+    train = store_dataset(runs_a[0], train_split, required=False)
+    test = store_dataset(runs_a[0], test_split, required=False)
+    result = compare_algorithms(
+        runs_a, runs_b, train, test, names=names, num=num, scorer=make_scorer(scorer),
+        train_split=train_split, test_split=test_split,
+    )
+    reporter = make_reporter(target, "lightning-tda modeldiff", wandb, "modeldiff")
+    reporter.section(
+        "ModelDiff",
+        f"{len(runs_a)} run(s) of A against {len(runs_b)} of B, {scorer} scores of {test_split} over {train_split}.",
+    )
+    result.log(reporter, "modeldiff")
+    where = finish(reporter)
+    for key, value in result.summary().items():
+        print(f"{key}: {value:.4g}")
+    print(f"report: {where['report']}")
+    return target
+
+
+modeldiff_command.several = {  # type: ignore[attr-defined]
+    "a": "RunStore paths of algorithm A, one per training run (at least 2)",
+    "b": "RunStore paths of algorithm B, recorded on the same datasets (at least 2)",
+}
+
+
 def report(stores: list[str], out: str = "runs/report", wandb: bool = False) -> Path:
     """A report on recorded runs: what each store holds, accuracy and margins over training,
     the hardest examples.

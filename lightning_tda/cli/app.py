@@ -34,6 +34,7 @@ def _commands() -> dict[str, Callable[..., Any]]:
         "demo": demo.demo,
         "attribute": analyses.attribute,
         "lds": analyses.lds_command,
+        "modeldiff": analyses.modeldiff_command,
         "diversity": analyses.diversity_command,
         "report": analyses.report,
         "sweep": scale.sweep,
@@ -59,7 +60,11 @@ def build_parser() -> ArgumentParser:
         positional = getattr(fn, "positional", None)
         if positional:
             sub.add_argument(positional, nargs="+", type=str, help=getattr(fn, "positional_help", ""))
-        sub.add_function_arguments(fn, skip={positional} if positional else None, as_group=False)
+        several = getattr(fn, "several", {})  # options that take several values: --a X Y Z
+        for option, text in several.items():
+            sub.add_argument(f"--{option}", nargs="+", type=str, required=True, help=text)
+        skip = ({positional} if positional else set()) | set(several)
+        sub.add_function_arguments(fn, skip=skip or None, as_group=False)
         subcommands.add_subcommand(name, sub, help=_summary(fn))
     subcommands.add_subcommand(
         "record", ArgumentParser(add_help=False), help="train with the recorders: Lightning's LightningCLI (fit, validate, ...)"

@@ -125,9 +125,35 @@ def attribution_step(reporter: Reporter, stores: dict[str, list[RunStore]], sett
     values["grad_dot"] = lds(GradDot(progress=False).score(runs, train_split="train", test_split="val"), masks, margins)
     rows = [[name, r.value, r.ci_low, r.ci_high] for name, r in values.items()]
     reporter.log_table("lds", ["scorer", "lds", "ci_low", "ci_high"], rows)
+    if values["trak"].value < values["grad_dot"].value:
+        reporter.note(
+            "TRAK ranks below Grad-Dot here. TRAK weights each training example by q = 1 - p (its out-to-loss term) "
+            "from the attribution models, which were trained on every example and fit them almost perfectly, so q "
+            "concentrates on a few examples; the subset models of the ground truth never saw half of them. With more "
+            "models and data (benchmarks/RESULTS.md, LDS on digits) TRAK leads."
+        )
     metrics = {f"attribution/lds_{name}": r.value for name, r in values.items()}
     reporter.log_metrics(metrics)
     return metrics
+
+
+def modeldiff_step(reporter: Reporter, stores: dict[str, list[RunStore]], settings: DemoSettings, root: Path) -> dict[str, float]:
+    """ModelDiff of A against B: the training directions that one algorithm's predictions use and
+    the other's do not (TRAK over each algorithm's models, a noise floor from halves of each),
+    and the counterfactual check: a 1-pixel shift of the test digits moves A's predictions, not
+    B's (B was trained on shifts)."""
+    from lightning_tda.modeldiff.demo import digits_model_diff
+
+    reporter.section(
+        "ModelDiff (A against B)",
+        f"Distinguishing training directions of A (no augmentation) and B (random 1-pixel shifts) from TRAK over "
+        f"{len(stores['A'])} models each, a noise floor from halves of each algorithm's models, and the "
+        "counterfactual check: how a 1-pixel shift of the validation digits moves each algorithm's probability of "
+        "the true class.",
+    )
+    result = digits_model_diff(stores["A"], stores["B"], names=("A", "B"), seed=settings.seed)
+    result.log(reporter, "modeldiff")
+    return {f"modeldiff/{k}": float(v) for k, v in result.summary().items()}
 
 
 def diversity_step(reporter: Reporter, stores: dict[str, list[RunStore]], settings: DemoSettings, root: Path) -> dict[str, float]:
@@ -214,6 +240,7 @@ def further_training_step(reporter: Reporter, stores: dict[str, list[RunStore]],
 Step = Callable[[Reporter, "dict[str, list[RunStore]]", DemoSettings, Path], "dict[str, float]"]
 STEPS: list[tuple[str, Step]] = [
     ("attribution", attribution_step),
+    ("modeldiff", modeldiff_step),
     ("diversity", diversity_step),
     ("dcor", dcor_step),
     ("further_training", further_training_step),
