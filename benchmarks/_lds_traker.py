@@ -61,7 +61,10 @@ class TrakerScores:
         if self.done:
             return
         traker = make_traker(self.save_dir, self.n_train, self.k, self.half)
-        for model_id, state in enumerate(checkpoints):
+        for model_id, state in enumerate(checkpoints):  # resumable: featurized models are skipped
+            registered = traker.saver.model_ids.get(model_id)
+            if registered is not None and registered["is_featurized"] == 1:
+                continue
             traker.load_checkpoint(dict(state), model_id=model_id)
             for lo in range(0, len(train), BATCH):
                 hi = min(lo + BATCH, len(train))
@@ -69,10 +72,14 @@ class TrakerScores:
         traker.finalize_features()
         for exp, data in targets.items():
             for model_id, state in enumerate(checkpoints):
+                scored = self.save_dir / f"scored-{exp}-{model_id}"
+                if scored.exists():
+                    continue
                 traker.start_scoring_checkpoint(exp_name=exp, checkpoint=dict(state), model_id=model_id, num_targets=len(data))
                 for lo in range(0, len(data), BATCH):
                     hi = min(lo + BATCH, len(data))
                     traker.score(batch=(data.images[lo:hi], data.targets[lo:hi]), num_samples=hi - lo)
+                scored.write_text("done\n")
         self.marker.write_text(json.dumps({"models": len(checkpoints), "targets": sorted(targets)}))
 
     def scores(self, exp: str, model_ids: Sequence[int], lambda_reg: float) -> np.ndarray:

@@ -66,8 +66,25 @@ from lightning_tda.models import DigitsCNN, ImageClassifier  # noqa: E402
 from lightning_tda.store import RunStore  # noqa: E402
 from lightning_tda.sweep import SubsetSweep, read_sweep  # noqa: E402
 
+COMMANDS = """Commands (each stage caches under --out and skips what is finished; one core each):
+
+```
+python benchmarks/lds_digits.py --out /tmp/attribution-fair/lds --stage sweeps
+python benchmarks/lds_digits.py --out /tmp/attribution-fair/lds --stage runs --set tuning
+python benchmarks/lds_digits.py --out /tmp/attribution-fair/lds --stage runs --set table
+python benchmarks/lds_digits.py --out /tmp/attribution-fair/lds --stage traker --k 512   # and --k 1024
+python benchmarks/lds_digits.py --out /tmp/attribution-fair/lds --stage tune
+python benchmarks/lds_digits.py --out /tmp/attribution-fair/lds --stage table
+python benchmarks/lds_digits.py --out /tmp/attribution-fair/lds --stage projection
+python benchmarks/lds_digits.py --out /tmp/attribution-fair/lds --stage report --results benchmarks/results/lds_digits.md
+```
+
+Seeds: sweeps 0 (table, 256 models) and 1 (held-out, 128 models); attribution runs 100-109 (table)
+and 200-209 (tuning); projection seed = run index; traker: projector seed 0 + its own per-model
+offset; bootstrap seed 0.
+"""
 ENGINES = ("factored", "exact")
-RIDGE_GRID = (0.0, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
+RIDGE_GRID = (0.0, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
 """Candidate ridges ``r`` (multiples of ``trace(Phi^T Phi) / n``) for ours and for traker."""
 
 
@@ -356,7 +373,8 @@ def table(cfg: Config, root: Path, tuning: dict) -> str:
                 c(f"ours/factored/r{r_star}", lambda g: ours_trak(cfg, root, "table", "factored", k, g, r_star)),
                 c("ours/exact/r0", lambda g: ours_trak(cfg, root, "table", "exact", k, g, 0.0)),
                 c(f"ours/exact/r{r_star}", lambda g: ours_trak(cfg, root, "table", "exact", k, g, r_star)),
-                c("traker/float16/r0", lambda g: half.scores("test", list(g), 0.0)),
+                c("traker/float16/r0", lambda g: half.scores("test", list(g), 0.0)) if half.done
+                else "not featurized (--stage traker)",
                 c("traker/float32/r0", lambda g: full.scores("test", list(g), 0.0)),
                 c(f"traker/float32/r{r_traker}", lambda g: full.scores("test", list(g), r_traker * unit))
                 + f" (lambda_reg = {r_traker:g} x trace/n)",
@@ -462,41 +480,48 @@ def study_trak(features: list, r: float) -> np.ndarray:  # type: ignore[type-arg
 
 def projection_study(cfg: Config, root: Path, data: dict[str, TensorImageDataset], r_star: float, runs: int = 5) -> str:
     """TRAK's LDS with the factored engine's old (equal) and new (proportional) split of k among
-    layers and with the dense projection, on the table's ground truth, first k, 1 and ``runs`` models."""
+    layers and with the dense projection, on the table's ground truth, at 1 and ``runs`` models; and
+    the k at which the factored engine catches up with the dense projection at the first k."""
     masks, margins = sweep_data(root, "table")
     k = cfg.ks[0]
-    variants = ("factored, equal split (before)", "factored, proportional split (now)", "exact")
-    features: dict[str, list] = {v: [] for v in variants}  # type: ignore[type-arg]
-    ranks: dict[str, int] = {}
-    for r, state in enumerate(final_checkpoints(root, "table", range(runs))):
-        model = ImageClassifier(DigitsCNN())
-        model.load_state_dict(state)
-        for v in variants:
-            features[v].append(study_features(model.eval(), v, k, r, data))
-            if r == 0:
-                ranks[v] = int(torch.linalg.matrix_rank(features[v][0][0], rtol=1e-6))
+    cases = [("factored, equal split (before)", k), ("factored, proportional split (now)", k), ("exact", k)]
+    cases += [("factored, proportional split (now)", k * f) for f in (2, 4, 8)]
     rows = []
-    for v in variants:
-        row = [v, f"{ranks[v]} of {k}"]
+    states = final_checkpoints(root, "table", range(runs))
+    for variant, dim in cases:
+        features = []
+        for r, state in enumerate(states):
+            model = ImageClassifier(DigitsCNN())
+            model.load_state_dict(state)
+            features.append(study_features(model.eval(), variant, dim, r, data))
+        rank = int(torch.linalg.matrix_rank(features[0][0], rtol=1e-6))
+        row = [variant.replace("exact", "exact (dense JL)"), dim, f"{rank} of {min(dim, cfg.n_train)}"]
         for r in (0.0, r_star):
-            scores = [study_trak(features[v][i : i + 1], r) for i in range(runs)]
+            scores = [study_trak(features[i : i + 1], r) for i in range(runs)]
             single = [lds(s, masks, margins, n_bootstrap=10).value for s in scores if np.isfinite(s).all()]
-            both = study_trak(features[v], r)
+            both = study_trak(features, r)
             joint = lds(both, masks, margins, n_bootstrap=cfg.n_bootstrap, seed=0) if np.isfinite(both).all() else None
             failed = f", {runs - len(single)} singular" if len(single) < runs else ""
             row.append(f"{np.mean(single):.3f} ({min(single):.3f} to {max(single):.3f}{failed})" if single else "singular")
             row.append(f"{joint.value:.3f} [{joint.ci_low:.3f}, {joint.ci_high:.3f}]" if joint else "singular")
         rows.append(row)
-    header = ["features (float32, as recorded)", "rank of Phi (run 0)", "TRAK r = 0, 1 model (mean, min to max)",
+        print(row, flush=True)
+    header = ["features (float32, as recorded)", "k", "rank of Phi (run 0)", "TRAK r = 0, 1 model (mean, min to max)",
               f"TRAK r = 0, {runs} models", f"TRAK r = {r_star:g}, 1 model", f"TRAK r = {r_star:g}, {runs} models"]
-    return f"Projection study, k = {k} (table ground truth, runs 0-{runs - 1}):\n\n{markdown_table(header, rows)}"
+    return (f"Table ground truth, runs 0-{runs - 1}, TRAK computed in memory as the scorer does (float64 solve "
+            f"of float32 features):\n\n{markdown_table(header, rows)}")
 
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--stage", default="all", choices=("all", "sweeps", "runs", "traker", "tune", "table", "projection"))
+    parser.add_argument(
+        "--stage", default="all", choices=("all", "sweeps", "runs", "traker", "tune", "table", "projection", "report")
+    )
+    parser.add_argument("--results", type=Path, default=None,
+                        help="with --stage report: write the tuning, table and projection study here "
+                        "(e.g. benchmarks/results/lds_digits.md)")
     parser.add_argument("--set", default=None, choices=tuple(SETS))
     parser.add_argument("--first-run", type=int, default=0)
     parser.add_argument("--last-run", type=int, default=None)
@@ -526,11 +551,20 @@ def main(argv: list[str] | None = None) -> str:
     if stage in ("all", "table"):
         result = json.loads((root / "tuning.json").read_text())
         out = table(cfg, root, result)
+        (root / "table.md").write_text(out + "\n")
         print(out, flush=True)
     if stage == "projection":
         result = json.loads((root / "tuning.json").read_text())
         out = projection_study(cfg, root, data, float(result["r"]), runs=min(5, cfg.runs))
+        (root / "projection.md").write_text(out + "\n")
         print(out, flush=True)
+    if stage == "report":
+        parts = [(root / f"{name}.md") for name in ("table", "tuning", "projection")]
+        titles = ("LDS on the test digits", "How the ridge was chosen (held-out split)", "Why the factored projection lost information")
+        out = "\n".join(f"### {t}\n\n{p.read_text()}" for t, p in zip(titles, parts) if p.exists())
+        if args.results is not None:
+            args.results.write_text(f"## LDS on digits (`benchmarks/lds_digits.py`)\n\n{COMMANDS}\n{out}")
+        print(out)
     return out
 
 
