@@ -41,13 +41,14 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import logging
 import statistics
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -400,6 +401,10 @@ def main(argv: list[str] | None = None) -> str:
         "--clock", choices=["process", "wall"], default="process", help="CPU timing: process CPU time or wall time"
     )
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    parser.add_argument(
+        "--cache", type=Path, default=None,
+        help="keep each measured (model, device, k) here as JSON and reuse it: a run cut short resumes",
+    )
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 5)
     torch.set_num_threads(args.threads)
@@ -411,7 +416,17 @@ def main(argv: list[str] | None = None) -> str:
     for device in devices:
         for case in make_cases(args.quick, device):
             for k in ks:
+                cached = None
+                if args.cache is not None:
+                    args.cache.mkdir(parents=True, exist_ok=True)
+                    name = "".join(c if c.isalnum() else "_" for c in f"{case.name}-{device}-{k}-{repeats}-{args.clock}")
+                    cached = args.cache / f"{name}.json"
+                if cached is not None and cached.exists():
+                    results.append(Result(**json.loads(cached.read_text())))
+                    continue
                 results.append(measure(case, k, repeats, device, args.clock))
+                if cached is not None:
+                    cached.write_text(json.dumps(asdict(results[-1])))
                 print(f"measured {case.name} on {device}, k={k}", file=sys.stderr, flush=True)
     command = "python benchmarks/gradients.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = (
