@@ -58,7 +58,8 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, markdown_table, today  # noqa: E402
 
-from lightning_tda.attribution import TRAK, GradCos, GradDot, ProjectedInfluence, TracIn, load_features, select_tags  # noqa: E402
+from lightning_tda import schema  # noqa: E402
+from lightning_tda.attribution import TRAK, GradCos, GradDot, ProjectedInfluence, TracIn  # noqa: E402
 from lightning_tda.callbacks import CheckpointRecorder, GradientRecorder  # noqa: E402
 from lightning_tda.data import DigitsDataModule, TensorImageDataset  # noqa: E402
 from lightning_tda.datamodels import lds  # noqa: E402
@@ -211,16 +212,13 @@ def model_groups(cfg: Config, m: int) -> list[range]:
     return [range(s, s + m) for s in range(0, cfg.runs - m + 1, m)]
 
 
-def ridge_from_r(stores: list[RunStore], split: str, r: float, checkpoints: int = 1) -> float:
-    """The absolute damping ``r * trace(Phi^T Phi) / n``, averaged over the stores' checkpoints."""
-    if r == 0:
-        return 0.0
-    values = []
-    for store in stores:
-        for tag in select_tags(store, checkpoints):
-            phi = load_features(store, split, tag, torch.float64).phi
-            values.append(float((phi * phi).sum()) / phi.shape[0])
-    return r * float(np.mean(values))
+
+
+OURS = "ours-streaming"
+"""Cache-key prefix of our scorers' LDS values: those scored by the streaming scorers (TRAK with a
+per-checkpoint ``relative_damping``, q-weighted TracIn). Keys ``ours/...`` hold the values of the
+earlier scorers (TRAK with one absolute ridge from the models' mean ``trace/n``, unweighted TracIn)
+and are no longer read."""
 
 
 class LDSCache:
@@ -245,8 +243,8 @@ class LDSCache:
 def ours_trak(cfg: Config, root: Path, set_name: str, engine: str, k: int, runs: range, r: float, checkpoints: int = 1) -> np.ndarray:
     split = SETS[set_name][0]
     stores = stores_of(root, set_name, engine, k, runs)
-    damping = ridge_from_r(stores, "train", r, checkpoints)
-    return TRAK(damping=damping, checkpoints=checkpoints, progress=False).score(stores, "train", split)
+    trak = TRAK(relative_damping=r, checkpoints=checkpoints, progress=False)
+    return trak.score(stores, schema.TRAIN_SPLIT, split)
 
 
 
@@ -296,7 +294,7 @@ def tune(cfg: Config, root: Path) -> dict:
             for m in cfg.model_counts:
                 groups = model_groups(cfg, m)
                 ours[f"{engine} k={k} m={m}"] = {
-                    str(r): group_mean(cache, f"ours/{engine}/k{k}/r{r}", groups, masks, margins,
+                    str(r): group_mean(cache, f"{OURS}/{engine}/k{k}/r{r}", groups, masks, margins,
                                        lambda g, engine=engine, k=k, r=r: ours_trak(cfg, root, "tuning", engine, k, g, r))
                     for r in RIDGE_GRID
                 }
@@ -369,10 +367,10 @@ def table(cfg: Config, root: Path, tuning: dict) -> str:
 
             trak_rows.append([
                 k, m,
-                c("ours/factored/r0", lambda g: ours_trak(cfg, root, "table", "factored", k, g, 0.0)),
-                c(f"ours/factored/r{r_star}", lambda g: ours_trak(cfg, root, "table", "factored", k, g, r_star)),
-                c("ours/exact/r0", lambda g: ours_trak(cfg, root, "table", "exact", k, g, 0.0)),
-                c(f"ours/exact/r{r_star}", lambda g: ours_trak(cfg, root, "table", "exact", k, g, r_star)),
+                c(f"{OURS}/factored/r0", lambda g: ours_trak(cfg, root, "table", "factored", k, g, 0.0)),
+                c(f"{OURS}/factored/r{r_star}", lambda g: ours_trak(cfg, root, "table", "factored", k, g, r_star)),
+                c(f"{OURS}/exact/r0", lambda g: ours_trak(cfg, root, "table", "exact", k, g, 0.0)),
+                c(f"{OURS}/exact/r{r_star}", lambda g: ours_trak(cfg, root, "table", "exact", k, g, r_star)),
                 c("traker/float16/r0", lambda g: half.scores("test", list(g), 0.0)) if half.done
                 else "not featurized (--stage traker)",
                 c("traker/float32/r0", lambda g: full.scores("test", list(g), 0.0)),
@@ -383,15 +381,15 @@ def table(cfg: Config, root: Path, tuning: dict) -> str:
 
             def score(cls, g, checkpoints=1, **kw):  # type: ignore[no-untyped-def]
                 stores = stores_of(root, "table", "factored", k, g)
-                return cls(checkpoints=checkpoints, progress=False, **kw).score(stores, "train", split)
+                return cls(checkpoints=checkpoints, progress=False, **kw).score(stores, schema.TRAIN_SPLIT, split)
 
             other_rows.append([
                 k, m,
-                c("ours/factored/graddot", lambda g: score(GradDot, g)),
-                c("ours/factored/gradcos", lambda g: score(GradCos, g)),
-                c("ours/factored/influence", lambda g: score(ProjectedInfluence, g)),
-                c("ours/factored/tracin-all", lambda g: score(TracIn, g, checkpoints=None)),
-                c(f"ours/factored/trak-all/r{r_star}", lambda g: ours_trak(cfg, root, "table", "factored", k, g, r_star, checkpoints=None)),
+                c(f"{OURS}/factored/graddot", lambda g: score(GradDot, g)),
+                c(f"{OURS}/factored/gradcos", lambda g: score(GradCos, g)),
+                c(f"{OURS}/factored/influence", lambda g: score(ProjectedInfluence, g)),
+                c(f"{OURS}/factored/tracin-all", lambda g: score(TracIn, g, checkpoints=None)),
+                c(f"{OURS}/factored/trak-all/r{r_star}", lambda g: ours_trak(cfg, root, "table", "factored", k, g, r_star, checkpoints=None)),
             ])
     control = cache.get("random", masks, margins, lambda: np.random.default_rng(0).normal(size=(margins.shape[1], masks.shape[1])))
     trak_table = markdown_table(
