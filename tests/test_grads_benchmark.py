@@ -24,4 +24,6 @@ def test_gradients_benchmark_quick(tmp_path):
         for method in ("fwd+bwd", "factored", "exact", "naive"):
             assert f"| {method} |" in text and model in text
     assert "factored time / fwd+bwd time" in text and "factored speed-up over naive loop" in text
-    assert "| traker |" in text  # a row either way: measured, or "traker not installed"
+    for setting in ("traker default", "traker float32", "traker best"):
+        assert f"| {setting} |" in text  # a row either way: measured, or "traker not installed"
+    assert "Kronecker-structured" in text and "dense JL" in text

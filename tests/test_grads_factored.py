@@ -250,3 +250,25 @@ def test_clear_errors():
         make_gradient_engine("factored", Functional(), proj_dim=16).project(x, y)
     with pytest.raises(RuntimeError, match="batch as dimension 0"):
         make_gradient_engine("factored", SequenceFirst(), proj_dim=16).project(x[:, 0], y)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_factored_features_keep_full_rank_on_digits(seed):
+    """With more examples than dimensions, the factored features span all k dimensions, as a dense
+    JL projection's do. Splitting k equally among layers lost dimensions: a small layer got
+    nearly all its parameters' worth of columns, so a side of its Kronecker block was a square
+    +-1 matrix (singular with probability 0.38 at size 10), and the last layer's output side
+    spanned all 10 logits while the margin's gradient is orthogonal to the all-ones vector.
+    ``Phi^T Phi`` was then singular, and TRAK without a ridge on float32 features was noise
+    (digits LDS 0.04 against 0.11 for the dense projection)."""
+    from lightning_tda.data import load_digits_tensors
+
+    images, labels = load_digits_tensors()
+    torch.manual_seed(seed)
+    model = DigitsCNN()
+    engine = make_gradient_engine("factored", model, proj_dim=512, seed=seed, dtype=torch.float64)
+    phi = engine.project(images[:700], labels[:700])
+    # singular values under 1e-6 of the largest are float32 rounding (the model runs in float32)
+    assert int(torch.linalg.matrix_rank(phi, rtol=1e-6)) == 512
+    dense = make_gradient_engine("exact", model, proj_dim=512, seed=seed, dtype=torch.float64)
+    assert int(torch.linalg.matrix_rank(dense.project(images[:700], labels[:700]), rtol=1e-6)) == 512

@@ -97,16 +97,21 @@ def test_project_equals_dense_matrix_and_blocks_are_bounded():
     assert only_fc[:, p.blocks[0].columns].abs().sum() == 0
 
 
-def test_allocation_sums_exactly_and_water_fills():
-    assert allocate_dims([10, 1000, 1000], 100) == [10, 45, 45]
-    assert allocate_dims([10, 1000, 1000], 101) == [10, 46, 45]
+def test_allocation_sums_exactly_and_is_proportional():
+    assert allocate_dims([10, 1000, 1000], 100) == [1, 50, 49]  # shares 0.5 (raised to 1), 49.5, 49.5
+    assert allocate_dims([10, 1000, 1000], 201) == [1, 100, 100]
+    assert allocate_dims([100, 300], 40) == [10, 30]
     assert allocate_dims([3, 4], 7) == [3, 4]
+    assert allocate_dims([1, 1, 1, 1000], 4) == [1, 1, 1, 1]
     g = torch.Generator().manual_seed(0)
     for _ in range(200):
         sizes = torch.randint(1, 500, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
         k = int(torch.randint(len(sizes), sum(sizes) + 1, (1,), generator=g))
         alloc = allocate_dims(sizes, k)
         assert sum(alloc) == k and all(1 <= a <= s for a, s in zip(alloc, sizes))
+        # the proportional share, give or take the columns given to groups raised to one
+        share = [k * s / sum(sizes) for s in sizes]
+        assert all(a == 1 or abs(a - t) < 1 + len(sizes) for a, t in zip(alloc, share))
     for k in range(1, 400):
         d_out, d_in = 1 + k % 17, 1 + (7 * k) % 29
         if k <= d_out * d_in:
