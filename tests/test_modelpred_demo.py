@@ -24,7 +24,7 @@ def check(values, cleaning, n, tmp_path):
 
 
 def test_demo_runs_end_to_end_small(tmp_path):
-    values, cleaning = run_demo(n_train=40, settings=TINY)
+    values, cleaning = run_demo(n_train=40, settings=TINY, permutations=10)
     check(values, cleaning, 40, tmp_path)
 
 

@@ -118,3 +118,24 @@ def test_svm_target_fits_too():
     x, y = blobs(30, 3, 2)
     mp = ModelPred.fit(x, y, target="svm", progress=False, **{**TINY, "max_epochs": 1})
     assert mp.predict_params(np.ones((1, 30), dtype=bool)).shape == (1, make_target("svm", x, y).num_params)
+
+
+def test_features_from_a_recorded_store(tmp_path):
+    import lightning as L
+
+    from lightning_tda.callbacks import MarginRecorder
+    from lightning_tda.data import DigitsDataModule
+    from lightning_tda.modelpred import embeddings_from_store
+    from lightning_tda.models import DigitsCNN, ImageClassifier
+
+    dm = DigitsDataModule(n_train=64)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path, callbacks=[MarginRecorder(tmp_path / "with", splits=("train",), every_n_epochs=None, embeddings="model.fc1"),
+                                                               MarginRecorder(tmp_path / "without", splits=("train",), every_n_epochs=None)])
+    trainer.fit(ImageClassifier(DigitsCNN()), dm)
+    features = embeddings_from_store(tmp_path / "with", "train")
+    assert features.shape == (64, 64) and np.isfinite(features).all()
+    mp = ModelPred.fit(features, dm.recording_dataset("train").targets.numpy(), num_classes=10, progress=False, **{**TINY, "max_epochs": 1})
+    assert mp.target.num_features == 64
+    with pytest.raises(ValueError, match="no complete embeddings record"):
+        embeddings_from_store(tmp_path / "without", "train")

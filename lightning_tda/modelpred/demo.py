@@ -35,22 +35,27 @@ FAST_SETTINGS: dict[str, Any] = {
 
 
 def run_demo(
-    fast: bool = True, seed: int = 0, progress: bool = False, n_train: int | None = None, settings: dict[str, Any] | None = None
+    fast: bool = True,
+    seed: int = 0,
+    progress: bool = False,
+    n_train: int | None = None,
+    settings: dict[str, Any] | None = None,
+    permutations: int | None = None,
 ) -> tuple[ValuationResult, CleaningResult]:
     """ModelPred values of a digits subset with 10% flipped labels, and the cleaning result.
 
     Returns ``(values, cleaning)``: ModelPred Shapley values of the noisy subset, and the flipped
     labels found by ModelPred Shapley, KNN-Shapley and the influence function; both results have
     ``log(reporter, prefix)``. ``fast``: 150 training digits and small settings (well under a
-    minute on 2 cores); otherwise 400 digits and the defaults (a few minutes). ``n_train`` and
-    ``settings`` (ModelPred settings) override either.
+    minute on 2 cores); otherwise 400 digits and the defaults (a few minutes). ``n_train``,
+    ``settings`` (ModelPred settings) and ``permutations`` (of the Shapley values) override either.
     """
     n_train = n_train if n_train is not None else (150 if fast else 400)
     x, y, x_test, y_test = digits_split(n_train, 300, seed)
     settings = settings if settings is not None else (FAST_SETTINGS if fast else {})
     cleaning = cleaning_study(
         x, y, x_test, y_test, flip_fraction=0.1, methods=("modelpred_shapley", "knn_shapley", "influence"),
-        num_classes=10, shapley_permutations=200 if fast else 500, seed=seed, modelpred_settings=settings, progress=progress,
+        num_classes=10, shapley_permutations=permutations or (200 if fast else 500), seed=seed, modelpred_settings=settings, progress=progress,
     )
     m = cleaning.methods.index("ModelPred Shapley")
     values = ValuationResult(cleaning.values[m], np.full(n_train, np.nan), "ModelPred Shapley (noisy digits)", float(cleaning.seconds[m]), dict(cleaning.settings))
