@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> str:
             t_mp, t_sk, t_ex = [], [], []
             for _ in range(args.repeats):
                 start = time.perf_counter()
-                utility(mp.predict_params(masks).to(torch.float64))
+                utility(mp.predict_params(masks))
                 t_mp.append((time.perf_counter() - start) / len(masks))
                 start = time.perf_counter()
                 utility(torch.stack([sklearn_fit(mp.target, m) for m in masks[: args.sklearn_subsets]]))

@@ -113,7 +113,7 @@ def greedy_selection(
     for _ in tqdm(range(size), desc="greedy selection", disable=not progress, leave=False):
         candidates = (~chosen).nonzero().flatten()
         masks = chosen[None] | eye[candidates]
-        u = val(modelpred.predict_params(masks).to(torch.float64))
+        u = val(modelpred.predict_params(masks))
         best = int(torch.argmax(u))
         chosen[candidates[best]] = True
         selected.append(int(candidates[best]))

@@ -180,7 +180,8 @@ class Target(ABC):
         lead = theta.shape[:-1]
         rows = theta.reshape(-1, self.num_features + 1)  # [models * outputs, D]
         z = torch.matmul(x_aug.to(device=theta.device, dtype=theta.dtype), rows.T)  # [n, models * outputs]
-        return z.reshape(len(x_aug), *lead, self.num_outputs).movedim(0, -2)
+        # contiguous [..., n, outputs]: reductions over outputs run 2x faster than on the strided view
+        return z.reshape(len(x_aug), *lead, self.num_outputs).movedim(0, -2).contiguous()
 
     def logits(self, theta: Array, x: Array) -> Tensor:
         """Class scores ``[..., n, K]`` of models ``theta [..., P]`` on ``x [n, d]``

@@ -42,9 +42,13 @@ class HeldOutUtility:
         target.check_labels(self.y, "y_test")
 
     def __call__(self, theta: Tensor, chunk_size: int = 512) -> Tensor:
-        theta = self.target.check_params(theta).to(torch.float64)
+        """Utilities ``[...]`` of ``theta [..., P]``, in theta's precision (float32 for ModelPred's
+        predictions, float64 for solved models), returned as float64."""
+        theta = self.target.check_params(theta)
+        if not theta.dtype.is_floating_point:
+            theta = theta.to(torch.float64)
         out = [-self.target.example_losses(t, self.x, self.y).mean(-1) for t in theta.reshape(-1, theta.shape[-1]).split(chunk_size)]
-        return torch.cat(out).reshape(theta.shape[:-1])
+        return torch.cat(out).reshape(theta.shape[:-1]).to(torch.float64)
 
     def accuracy(self, theta: Tensor) -> Tensor:
         """Test accuracy ``[m]`` of each model."""
@@ -58,7 +62,7 @@ class HeldOutUtility:
 
 def predicted_utility(modelpred: "ModelPred", utility: HeldOutUtility) -> UtilityOfMasks:
     """Utilities of ModelPred's predicted models (every subset in one batched call)."""
-    return lambda masks: utility(modelpred.predict_params(masks).to(torch.float64))
+    return lambda masks: utility(modelpred.predict_params(masks))
 
 
 def exact_utility(target: Target, utility: HeldOutUtility, **solve_kwargs: Any) -> UtilityOfMasks:
