@@ -26,6 +26,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from lightning_tda.arguments import new_directory, positive_int
 from lightning_tda.callbacks import MarginRecorder
 from lightning_tda.data import DigitsDataModule
 from lightning_tda.modelpred import (
@@ -54,21 +55,20 @@ SMOKE_SETTINGS: dict[str, Any] = {
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("runs/modelpred_example"), help="report directory")
-    parser.add_argument("--n-train", type=int, default=300, help="training pool size per dataset")
-    parser.add_argument("--n-test", type=int, default=300, help="test examples per dataset")
-    parser.add_argument("--cnn-epochs", type=int, default=8, help="epochs of the digits CNN whose features are used")
-    parser.add_argument("--permutations", type=int, default=500, help="permutations of ModelPred Shapley")
+    parser.add_argument("--out", type=new_directory, default=Path("runs/modelpred_example"), help="report directory")
+    parser.add_argument("--n-train", type=positive_int, default=300, help="training pool size per dataset")
+    parser.add_argument("--n-test", type=positive_int, default=300, help="test examples per dataset")
+    parser.add_argument("--cnn-epochs", type=positive_int, default=8, help="epochs of the digits CNN whose features are used")
+    parser.add_argument("--permutations", type=positive_int, default=500, help="permutations of ModelPred Shapley")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fast", action="store_true", help="small pools and short training (for smoke tests)")
     args = parser.parse_args(argv)
     if args.fast:
         args.n_train, args.n_test, args.cnn_epochs, args.permutations = 60, 100, 1, 50
-    for name in ("n_train", "n_test", "cnn_epochs", "permutations"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.n_train < 10:
         parser.error("--n-train must be at least 10 (a pool to value)")
+    if args.n_train + args.n_test > 1797:
+        parser.error(f"--n-train + --n-test must be at most 1797 (the digits), got {args.n_train + args.n_test}")
     return args
 
 
@@ -125,7 +125,7 @@ def cnn_features(args: argparse.Namespace) -> tuple[np.ndarray, ...]:
     trainer = L.Trainer(
         max_epochs=args.cnn_epochs, logger=False, enable_checkpointing=False, enable_model_summary=False,
         enable_progress_bar=not args.fast, default_root_dir=str(args.out),
-        callbacks=[MarginRecorder(store, splits=("train", "val"), every_n_epochs=None, on_fit_end=True, embeddings="model.fc1")],
+        callbacks=[MarginRecorder(store, splits=("train", "val"), every_n_epochs=None, on_fit_end=True, embeddings="model.fc1", overwrite=True)],
     )
     trainer.fit(ImageClassifier(DigitsCNN()), dm)
     train, val = embeddings_from_store(store, "train"), embeddings_from_store(store, "val")
