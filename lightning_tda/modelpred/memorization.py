@@ -66,7 +66,6 @@ class MemorizationResult(AnalysisResult):
         fig = Figure(figsize=(6, 4)) if ax is None else ax.figure
         ax = ax if ax is not None else fig.add_subplot()
         ax.hist(self.scores, bins=40, color="tab:purple", alpha=0.8)
-        ax.set_yscale("log")
         ax.set_xlabel("memorisation: own-label probability with minus without the example")
         ax.set_ylabel("training examples")
         ax.set_title(f"Memorisation ({self.method})")
