@@ -110,39 +110,64 @@ def fitted_model(cache: Path, dataset: str, x: np.ndarray, y: np.ndarray, settin
     return mp
 
 
+def save_figure(result: Any, path: Path, title: str) -> None:
+    """The result's own plot, titled with the dataset, as a PNG beside the cached JSON."""
+    fig, ax = result.plot()
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
 # ---------------------------------------------------------------------------------- sections
 def accuracy_section(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
     x, y, xt, yt = load_data(dataset, args.n_train, args.n_test)
     settings = ModelPredSettings(num_classes=classes(dataset), **args.modelpred)
     target = make_target("logistic", x, y, num_classes=classes(dataset))
     start = time.perf_counter()
-    pairs = make_pairs(target, sample_masks(target.n, settings.num_permutations, settings.prefixes_per_permutation, settings.num_random_subsets, 0))
-    half = settings.num_validation_subsets // 2
-    validation = make_pairs(target, sample_masks(target.n, max(1, half // 8), 8, settings.num_validation_subsets - 8 * max(1, half // 8), 1_000_003))
-    solve_seconds = time.perf_counter() - start
+    cached_model = args.cache / f"model_{dataset}"
+    reuse = not args.ablation and (cached_model / "modelpred.json").exists() and not args.fresh
+    pairs = validation = None
+    if not reuse:
+        pairs = make_pairs(target, sample_masks(target.n, settings.num_permutations, settings.prefixes_per_permutation, settings.num_random_subsets, 0))
+        half = settings.num_validation_subsets // 2
+        validation = make_pairs(target, sample_masks(target.n, max(1, half // 8), 8, settings.num_validation_subsets - 8 * max(1, half // 8), 1_000_003))
+    solve_seconds = time.perf_counter() - start if not reuse else float("nan")
     held_out = make_pairs(target, sample_masks(target.n, args.held_out // 16, 8, args.held_out // 2, 999))
     rows = {}
     variants = {"full (global + local)": {}, "without global (KKT)": {"lambda_global": 0.0},
                 "without local (utility)": {"lambda_local": 0.0}, "without either": {"lambda_global": 0.0, "lambda_local": 0.0}}
+    if not args.ablation:  # the full loss only, from the cached clean-data model when there is one
+        variants = {"full (global + local)": {}}
     for label, change in variants.items():
         start = time.perf_counter()
-        mp = ModelPred.train(target, pairs, validation, dataclasses.replace(settings, **change), progress=False)
-        train_seconds = time.perf_counter() - start
+        if reuse:
+            mp = ModelPred.load(cached_model, x=x, y=y)
+            train_seconds = float("nan")
+        else:
+            mp = ModelPred.train(target, pairs, validation, dataclasses.replace(settings, **change), progress=False)
+            train_seconds = time.perf_counter() - start
         if label.startswith("full"):
-            mp.save(args.cache / f"model_{dataset}")
+            mp.save(cached_model)
         result = prediction_accuracy(mp, held_out.masks, xt, yt, thetas=held_out.thetas, label=label)
         small = result.sizes <= np.median(result.sizes)
         rows[label] = {**result.summary(), "train_seconds": train_seconds, "epochs": len(mp.history),
                        "relative_error_small_half": float(result.relative_errors[small].mean()),
                        "relative_error_large_half": float(result.relative_errors[~small].mean())}
-    return {"dataset": dataset, "n": int(target.n), "pairs": len(pairs), "held_out": len(held_out), "solve_seconds": solve_seconds, "variants": rows}
+    return {"dataset": dataset, "n": int(target.n), "pairs": len(pairs) if pairs is not None else settings.num_permutations * settings.prefixes_per_permutation + settings.num_random_subsets, "held_out": len(held_out), "solve_seconds": solve_seconds, "variants": rows}
 
 
 def shapley_section(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
     x, y, xt, yt = load_data(dataset, args.shapley_n, args.n_test)
     start = time.perf_counter()
-    mp = ModelPred.fit(x, y, target="logistic", seed=0, progress=False, num_classes=classes(dataset), **args.modelpred)
-    fit_seconds = time.perf_counter() - start
+    path = args.cache / f"model_shapley_{dataset}"  # the fit is kept: a rerun with more reference permutations reuses it
+    if (path / "modelpred.json").exists() and (path / "fit_seconds.txt").exists() and not args.fresh:
+        mp, fit_seconds = ModelPred.load(path, x=x, y=y), float((path / "fit_seconds.txt").read_text())
+    else:
+        mp = ModelPred.fit(x, y, target="logistic", seed=0, progress=False, num_classes=classes(dataset), **args.modelpred)
+        fit_seconds = time.perf_counter() - start
+        mp.save(path)
+        (path / "fit_seconds.txt").write_text(f"{fit_seconds}")
     values = modelpred_shapley(mp, xt, yt, num_permutations=args.shapley_permutations, seed=1)
     target = mp.target
     utility = HeldOutUtility(target, xt, yt)
@@ -176,6 +201,7 @@ def deletion_section(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
     for mode in ("deletion", "addition"):
         fractions = (0.1, 0.2, 0.3, 0.4, 0.5) if mode == "deletion" else (0.1, 0.2, 0.3, 0.4)
         result = counterfactual_study(mp, mode, fractions, args.trials, base_fraction=0.5, x_test=xt, y_test=yt, seed=7)
+        save_figure(result, args.cache / f"{mode}_{dataset}.png", f"{mode.capitalize()}: {dataset} (n = {mp.target.n}, {args.trials} trials)")
         out[mode] = {"fractions": list(fractions), "methods": list(result.methods),
                      "errors": result.errors.mean(2).tolist(), "errors_std": result.errors.std(2).tolist(),
                      "accuracy_gaps": np.mean(result.accuracy_gaps, 2).tolist(), "seconds": result.seconds.tolist()}
@@ -188,6 +214,7 @@ def cleaning_section(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
         x, y, xt, yt, flip_fraction=0.1, target="logistic", num_classes=classes(dataset), shapley_permutations=args.shapley_permutations,
         tmc_permutations=args.tmc_permutations, oob_models=args.oob_models, seed=0, modelpred_settings=args.modelpred,
     )
+    save_figure(result, args.cache / f"cleaning_{dataset}.png", f"Cleaning: {dataset}, {int(result.flipped.sum())} of {len(y)} labels flipped")
     return {"dataset": dataset, "n": len(y), "num_flipped": int(result.flipped.sum()), "methods": list(result.methods),
             "precision": result.precision.tolist(), "found": result.found.tolist(), "seconds": result.seconds.tolist(),
             "modelpred_fit_seconds": result.settings["modelpred_fit_seconds"]}
@@ -199,9 +226,9 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
              f"Command: `python benchmarks/modelpred_studies.py{' --quick' if args.quick else ''}`; machine: {machine()}; date: {today()}. "
              "Accuracy figures do not depend on the machine's load; wall times do (the machine was shared).", ""]
     for r in results.get("accuracy", []):
-        lines += [f"### Accuracy of the prediction: {r['dataset']} (pool n = {r['n']}, {r['pairs']} training pairs solved in {r['solve_seconds']:.0f} s, {r['held_out']} held-out subsets)", ""]
+        lines += [f"### Accuracy of the prediction: {r['dataset']} (pool n = {r['n']}, {r['pairs']} training pairs{' solved in %.0f s' % r['solve_seconds'] if r['solve_seconds'] == r['solve_seconds'] else ''}, {r['held_out']} held-out subsets)", ""]
         rows = [[label, f"{v['relative_error_mean']:.3f}", f"{v['relative_error_median']:.3f}", f"{v['relative_error_small_half']:.3f} / {v['relative_error_large_half']:.3f}",
-                 f"{v['accuracy_gap_mean']:.4f}", f"{v['accuracy_exact_mean']:.3f}", f"{v['epochs']} ({v['train_seconds']:.0f} s)"] for label, v in r["variants"].items()]
+                 f"{v['accuracy_gap_mean']:.4f}", f"{v['accuracy_exact_mean']:.3f}", f"{v['epochs']} ({v['train_seconds']:.0f} s)" if v["train_seconds"] == v["train_seconds"] else f"{v['epochs']} (cached model)"] for label, v in r["variants"].items()]
         lines += [markdown_table(["loss", "relative parameter error (mean)", "median", "smaller / larger half of subsets", "test-accuracy gap", "exact models' test accuracy", "epochs (time)"], rows), ""]
     for r in results.get("shapley", []):
         lines += [f"### Shapley values against Shapley by retraining: {r['dataset']} (n = {r['n']})", "",
@@ -242,9 +269,12 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--cache", type=Path, default=Path("runs/modelpred_studies"))
     parser.add_argument("--fresh", action="store_true", help="recompute cached sections")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-ablation", dest="ablation", action="store_false",
+                        help="accuracy: the full loss only (reusing the cached model), not the three ablations")
+    parser.add_argument("--max-epochs", type=int, default=None, help="cap ModelPred's training epochs (default: its setting, 300)")
     parser.add_argument("--out", type=Path, default=None, help=f"markdown file (full mode: {RESULTS})")
     args = parser.parse_args(argv)
-    args.modelpred = {}
+    args.modelpred = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
     if args.quick:
         args.n_train, args.n_test, args.held_out, args.shapley_n = 40, 30, 32, 8
         args.shapley_permutations, args.truth_permutations, args.tmc_permutations, args.oob_models, args.trials = 20, 8, 3, 10, 2
@@ -252,6 +282,8 @@ def main(argv: list[str] | None = None) -> str:
                           "max_epochs": 2, "hidden": 16, "set_features": 16}
         args.fresh = True
         args.datasets = ["breast-cancer"]
+    if args.max_epochs is not None and args.max_epochs < 1:
+        raise SystemExit("--max-epochs must be >= 1")
     for name in ("n_train", "n_test", "held_out", "shapley_n", "shapley_permutations", "truth_permutations", "tmc_permutations", "oob_models", "trials"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")

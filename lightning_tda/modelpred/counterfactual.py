@@ -100,16 +100,18 @@ class CounterfactualResult(AnalysisResult):
     def plot(self, ax: "Axes | None" = None) -> tuple["Figure", "Axes"]:
         from matplotlib.figure import Figure
 
-        fig = Figure(figsize=(6, 4)) if ax is None else ax.figure
+        fig = Figure(figsize=(8, 4)) if ax is None else ax.figure
         ax = ax if ax is not None else fig.add_subplot()
-        for m, method in enumerate(self.methods):
+        for m, method in enumerate(self.methods):  # bars: the trials' 16th-84th percentiles (stay positive on a log axis)
             mean = self.errors[m].mean(1)
-            ax.errorbar(100 * self.fractions, mean, yerr=self.errors[m].std(1), marker="o", capsize=3, label=method)
+            low, high = np.percentile(self.errors[m], [16, 84], axis=1)
+            bars = np.stack([np.clip(mean - low, 0, None), np.clip(high - mean, 0, None)])
+            ax.errorbar(100 * self.fractions, mean, yerr=bars, marker="o", capsize=3, label=method)
         ax.set_yscale("log")
         ax.set_xlabel(f"% of training data {'removed' if self.mode == 'deletion' else 'added'}")
         ax.set_ylabel("relative parameter error vs retraining")
         ax.set_title(f"{self.mode.capitalize()}: predicted vs retrained models")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         return fig, ax
 
 
