@@ -9,8 +9,9 @@ A utility evaluation is :math:`U(S) = -` test loss of the model trained on subse
 model (predicted, refitted or solved) and its mean test loss. Per dataset and target:
 
 - **ModelPred**: ``predict_params`` of all subsets in one call, then the batched test loss
-  (the set network has the default architecture; its training is not timed here, its weights
-  do not change the time, and the one-time fit is reported beside as its own row);
+  (the set network has the default architecture; its training is not timed here and its
+  weights do not change the time: the one-time fit is in the cleaning tables of
+  ``benchmarks/modelpred_studies.py``, where each ModelPred time includes it);
 - **scikit-learn refit**: ``LogisticRegression`` / ``LinearSVC`` (``fit_intercept=False`` on
   ``[x, 1]``: the target's objective) fitted per subset at scikit-learn's default tolerance,
   then the same test loss;

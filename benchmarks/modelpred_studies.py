@@ -46,6 +46,7 @@ _spec.loader.exec_module(_common)
 machine, markdown_table, today = _common.machine, _common.markdown_table, _common.today
 
 from lightning_tda.modelpred import (  # noqa: E402
+    CleaningResult,
     HeldOutUtility,
     ModelPred,
     ModelPredSettings,
@@ -60,6 +61,7 @@ from lightning_tda.modelpred import (  # noqa: E402
     sklearn_utility,
 )
 from lightning_tda.modelpred.baselines import tmc_shapley  # noqa: E402
+from lightning_tda.modelpred.cleaning import ALL_METHODS  # noqa: E402
 from lightning_tda.modelpred.pairs import make_pairs, sample_masks  # noqa: E402
 
 RESULTS = _HERE / "results" / "modelpred_studies.md"
@@ -213,11 +215,43 @@ def cleaning_section(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
     result = cleaning_study(
         x, y, xt, yt, flip_fraction=0.1, target="logistic", num_classes=classes(dataset), shapley_permutations=args.shapley_permutations,
         tmc_permutations=args.tmc_permutations, oob_models=args.oob_models, seed=0, modelpred_settings=args.modelpred,
+        methods=args.cleaning_methods or ALL_METHODS,
     )
-    save_figure(result, args.cache / f"cleaning_{dataset}.png", f"Cleaning: {dataset}, {int(result.flipped.sum())} of {len(y)} labels flipped")
     return {"dataset": dataset, "n": len(y), "num_flipped": int(result.flipped.sum()), "methods": list(result.methods),
             "precision": result.precision.tolist(), "found": result.found.tolist(), "seconds": result.seconds.tolist(),
-            "modelpred_fit_seconds": result.settings["modelpred_fit_seconds"]}
+            "modelpred_fit_seconds": result.settings["modelpred_fit_seconds"], "tmc_permutations": args.tmc_permutations,
+            "values": result.values.tolist(), "flipped": result.flipped.tolist()}
+
+
+def cleaning_name(dataset: str, methods: list[str] | None) -> str:
+    """Cache name of a cleaning run; a run of some methods only (``--cleaning-methods``) is a part."""
+    return f"cleaning_{dataset}" + (f"_part_{'+'.join(methods)}" if methods else "")
+
+
+def merged_cleaning(cache: Path, dataset: str) -> dict[str, Any] | None:
+    """The cleaning result of a dataset: the whole run's, or its parts' (same flips) merged."""
+    whole = cache / f"{cleaning_name(dataset, None)}.json"
+    if whole.exists():
+        return json.loads(whole.read_text())
+    parts = [json.loads(p.read_text()) for p in sorted(cache.glob(f"cleaning_{dataset}_part_*.json"))]
+    if not parts:
+        return None
+    if any(p["flipped"] != parts[0]["flipped"] for p in parts):
+        raise SystemExit(f"the cleaning parts of {dataset} flipped different labels; rerun them with the same settings")
+    merged = dict(parts[0])
+    for key in ("methods", "precision", "found", "seconds", "values"):
+        merged[key] = [v for p in parts for v in p[key]]
+    merged["modelpred_fit_seconds"] = next((p["modelpred_fit_seconds"] for p in parts if p["modelpred_fit_seconds"] == p["modelpred_fit_seconds"]), float("nan"))
+    merged["tmc_permutations"] = next((p["tmc_permutations"] for p in parts if any("TMC" in m for m in p["methods"])), None)
+    return merged
+
+
+def cleaning_figure(r: dict[str, Any], cache: Path) -> None:
+    if "values" not in r:
+        return
+    flipped = np.array(r["flipped"], dtype=bool)
+    result = CleaningResult(tuple(r["methods"]), np.array(r["values"]), flipped, np.array(r["found"]), np.array(r["seconds"]))
+    save_figure(result, cache / f"cleaning_{r['dataset']}.png", f"Cleaning: {r['dataset']}, {int(flipped.sum())} of {r['n']} labels flipped")
 
 
 # ---------------------------------------------------------------------------------- report
@@ -248,7 +282,8 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
         lines += [f"### Cleaning: {r['dataset']} (n = {r['n']}, {r['num_flipped']} labels flipped, 10%)", ""]
         rows = [[m, f"{p:.3f}", str(f), f"{s:.1f} s"] for m, p, f, s in zip(r["methods"], r["precision"], r["found"], r["seconds"])]
         lines += [markdown_table(["method", "precision at the flip rate (= recall)", "flipped found", "wall time"], rows),
-                  "", f"ModelPred's times include its fit on the noisy data ({r['modelpred_fit_seconds']:.0f} s).", ""]
+                  "", f"ModelPred's times include its fit on the noisy data ({r['modelpred_fit_seconds']:.0f} s)"
+                  + (f"; TMC Shapley used {r['tmc_permutations']} permutations." if r.get("tmc_permutations") else "."), ""]
     return "\n".join(lines)
 
 
@@ -269,6 +304,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--cache", type=Path, default=Path("runs/modelpred_studies"))
     parser.add_argument("--fresh", action="store_true", help="recompute cached sections")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cleaning-methods", nargs="+", default=None, choices=ALL_METHODS,
+                        help="cleaning: only these methods, cached as a part (parts with the same flips are merged in the report)")
     parser.add_argument("--no-ablation", dest="ablation", action="store_false",
                         help="accuracy: the full loss only (reusing the cached model), not the three ablations")
     parser.add_argument("--max-epochs", type=int, default=None, help="cap ModelPred's training epochs (default: its setting, 300)")
@@ -293,13 +330,22 @@ def main(argv: list[str] | None = None) -> str:
     results: dict[str, list[dict[str, Any]]] = {}
     for section in SECTIONS:  # sections not asked for are read from the cache when there
         for dataset in args.datasets:
-            path = args.cache / f"{section}_{dataset}.json"
+            name = cleaning_name(dataset, args.cleaning_methods) if section == "cleaning" else f"{section}_{dataset}"
             if section in args.sections:
                 start = time.perf_counter()
-                results.setdefault(section, []).append(cached(args.cache, f"{section}_{dataset}", args.fresh, lambda: functions[section](args, dataset)))
+                result = cached(args.cache, name, args.fresh, lambda: functions[section](args, dataset))
                 print(f"[{section} {dataset}] {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-            elif path.exists() and not args.quick:
-                results.setdefault(section, []).append(json.loads(path.read_text()))
+            elif args.quick:
+                continue
+            else:
+                path = args.cache / f"{name}.json"
+                result = json.loads(path.read_text()) if path.exists() and section != "cleaning" else None
+            if section == "cleaning":
+                result = merged_cleaning(args.cache, dataset) if not args.quick else result
+                if result is not None:
+                    cleaning_figure(result, args.cache)
+            if result is not None:
+                results.setdefault(section, []).append(result)
     text = report(results, args)
     print(text)
     if args.out is not None:
