@@ -11,17 +11,18 @@ import os
 
 import numpy as np
 
+from lightning_tda import schema
 from lightning_tda.callbacks.margin_recorder import read_margins
-from lightning_tda.store import RunStore, join_name
+from lightning_tda.store import RunStore
 
 
-def embeddings_from_store(store: RunStore | str | os.PathLike[str], split: str = "train", record: int = -1) -> np.ndarray:
+def embeddings_from_store(store: RunStore | str | os.PathLike[str], split: str = schema.TRAIN_SPLIT, record: int = -1) -> np.ndarray:
     """The embeddings ``[n_examples, dim]`` of ``split`` from one complete record (default: the
     last), as recorded by ``MarginRecorder(..., embeddings=...)``."""
     run = store if isinstance(store, RunStore) else RunStore(store)
     records: list = []
-    if run.has_array(join_name("embeddings", split)):
-        values, records = read_margins(run, split, prefix="embeddings")
+    if run.has_array(schema.record_array(schema.EMBEDDINGS, split)):
+        values, records = read_margins(run, split, prefix=schema.EMBEDDINGS)
     if not records:
         raise ValueError(
             f"{run.path} has no complete embeddings record of split {split!r}; record them with "
