@@ -1,0 +1,55 @@
+"""benchmarks/modelpred.py --quick and benchmarks/modelpred_studies.py --quick run and write their tables."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_modelpred_benchmark_quick(tmp_path):
+    out = tmp_path / "modelpred.md"
+    load("modelpred").main(["--quick", "--out", str(out)])
+    report = out.read_text()
+    for needle in ("time per utility evaluation", "scikit-learn refit", "our batched exact solver", ">= 100x", "machine:"):
+        assert needle in report, needle
+
+
+def test_modelpred_studies_quick(tmp_path):
+    out = tmp_path / "studies.md"
+    load("modelpred_studies").main(["--quick", "--cache", str(tmp_path / "cache"), "--out", str(out)])
+    report = out.read_text()
+    for needle in ("Accuracy of the prediction: breast-cancer", "without global (KKT)", "Shapley values against Shapley by retraining",
+                   "Deletion", "Addition", "Cleaning: breast-cancer", "KNN-Shapley", "Data-OOB", "influence function"):
+        assert needle in report, needle
+
+
+def test_studies_merge_cleaning_parts_with_the_same_flips(tmp_path):
+    import json
+
+    studies = load("modelpred_studies")
+    flipped = [True, False, False, True]
+    part = {"dataset": "digits", "n": 4, "num_flipped": 2, "modelpred_fit_seconds": float("nan"), "flipped": flipped}
+    (tmp_path / "cleaning_digits_part_a.json").write_text(json.dumps({**part, "methods": ["A"], "precision": [1.0], "found": [2], "seconds": [1.0],
+                                                                   "values": [[0, 3, 2, 1]], "tmc_permutations": 5}))
+    (tmp_path / "cleaning_digits_part_b.json").write_text(json.dumps({**part, "methods": ["TMC Shapley"], "precision": [0.5], "found": [1], "seconds": [2.0],
+                                                                   "values": [[0, 1, 2, 3]], "tmc_permutations": 7, "modelpred_fit_seconds": 3.0}))
+    merged = studies.merged_cleaning(tmp_path, "digits")
+    assert merged["methods"] == ["A", "TMC Shapley"] and merged["found"] == [2, 1] and merged["tmc_permutations"] == 7
+    assert merged["modelpred_fit_seconds"] == 3.0
+    studies.cleaning_figure(merged, tmp_path)
+    assert (tmp_path / "cleaning_digits.png").exists()
+    (tmp_path / "cleaning_digits_part_b.json").write_text(json.dumps({**part, "flipped": [False] * 4, "methods": ["B"], "precision": [0.0], "found": [0],
+                                                                   "seconds": [1.0], "values": [[0, 1, 2, 3]], "tmc_permutations": 7}))
+    with pytest.raises(SystemExit, match="flipped different labels"):
+        studies.merged_cleaning(tmp_path, "digits")
