@@ -19,7 +19,7 @@ from PIL import Image
 
 from wandb_records import history_rows, read_wandb_records
 
-SECTIONS = ["Demo", "Attribution (TRAK)", "ModelDiff (A against B)", "Ensemble diversity", "Distance correlation", "Further training", "Summary"]
+SECTIONS = ["Demo", "Attribution (TRAK)", "ModelDiff (A against B)", "Ensemble diversity", "Distance correlation", "Further training", "ModelPred data values and cleaning", "Summary"]
 
 
 @pytest.fixture(scope="module")
