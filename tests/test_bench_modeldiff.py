@@ -15,7 +15,7 @@ def test_modeldiff_benchmark_quick(tmp_path):
     pytest.importorskip("modeldiff")
     out = tmp_path / "modeldiff.md"
     done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "modeldiff.py"), "--quick", "--repeats", "1", "--threads", "1", "--out", str(out)],
+        [sys.executable, str(REPO / "benchmarks" / "modeldiff_speed.py"), "--quick", "--repeats", "1", "--threads", "1", "--out", str(out)],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]

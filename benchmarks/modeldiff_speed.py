@@ -1,8 +1,8 @@
 """ModelDiff's residual PCA: speed and memory at scale, and MadryLab's ``modeldiff`` package.
 
-    python benchmarks/modeldiff.py                # full: 10,000 x 50,000 float32 (4 GB of inputs)
-    python benchmarks/modeldiff.py --quick        # seconds (used by a test)
-    python benchmarks/modeldiff.py --out benchmarks/results/modeldiff.md
+    python benchmarks/modeldiff_speed.py                # full: 10,000 x 50,000 float32 (4 GB of inputs)
+    python benchmarks/modeldiff_speed.py --quick        # seconds (used by a test)
+    python benchmarks/modeldiff_speed.py --out benchmarks/results/modeldiff.md
 
 1. **At scale** (the issue's target): two synthetic attribution matrices ``[10,000, 50,000]``
    float32 (a shared rank-20 structure, a rank-3 part only A has, and noise), and
@@ -78,7 +78,7 @@ def worker(kind: str, n: int, d: int, threads: int) -> dict:
     if kind.startswith("ours"):
         from lightning_tda.modeldiff import ModelDiff
     else:
-        here = Path(__file__).resolve().parent  # this file is modeldiff.py too: import MadryLab's package
+        here = Path(__file__).resolve().parent  # MadryLab's package, never a module of this folder
         sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
         import modeldiff.pca as package
 
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> str:
         ["agreement: max abs(variance difference) under A", f"{var_diff:.2e}", "", ""],
     ]
     compare_table = markdown_table(["figure", "ours (raw residual, as the package)", "modeldiff 1.0.1 residual_pca (CPU)", "ratio"], rows)
-    command = "python benchmarks/modeldiff.py" + (" --quick" if args.quick else "") + f" --repeats {args.repeats} --threads {args.threads}"
+    command = "python benchmarks/modeldiff_speed.py" + (" --quick" if args.quick else "") + f" --repeats {args.repeats} --threads {args.threads}"
     report = (
         f"# ModelDiff residual PCA\n\nCommand: `{command}`; machine: {machine()} (benchmark processes use "
         f"{args.threads} threads); date: {today()}; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
