@@ -295,25 +295,24 @@ def peer_best_section(args: argparse.Namespace, dataset: str, tuning: dict[str, 
     """Each peer at its tuned best on the reported problem (seed 0); a best equal to the default
     reuses the default's row from the cached cleaning run when there is one."""
     x, noisy, flipped, target, utility = cleaning_problem(args, dataset, REPORTED_SEED)
-    if defaults is not None and defaults["flipped"] != flipped.tolist():
+    if defaults is not None and (defaults.get("flipped", flipped.tolist()) != flipped.tolist() or defaults["num_flipped"] != int(flipped.sum())):
         raise SystemExit(f"the cached cleaning run of {dataset} flipped other labels than seed {REPORTED_SEED}; rerun it")
     rows = {}
     for method in PEERS:
         best = tuning["peers"][method]["best"]
-        default_row = None
+        row = None
         if defaults is not None and args.reuse_defaults and best == peer_settings.DEFAULTS[method]:
             names = [m for m in defaults["methods"] if method_of(m) == method]
-            if names:
+            if names:  # older caches keep no values or flips: their found count is reused (same seeds and code)
                 i = defaults["methods"].index(names[0])
-                default_row = {"values": defaults["values"][i], "seconds": defaults["seconds"][i], "reused_default": True}
-        if default_row is None:
+                row = {"values": defaults["values"][i] if "values" in defaults else None, "found": defaults["found"][i],
+                       "seconds": defaults["seconds"][i], "reused_default": True}
+        if row is None:
             r = peer_settings.run_peer(method, best, target, x, noisy, utility, args.tmc_permutations, REPORTED_SEED)
-            default_row = {"values": r.values.tolist(), "seconds": r.seconds, "reused_default": False}
+            found = int(flipped[np.argsort(r.values, kind="stable")[: int(flipped.sum())]].sum())
+            row = {"values": r.values.tolist(), "found": found, "seconds": r.seconds, "reused_default": False}
             print(f"[best {dataset}] {method} {peer_settings.describe(best)}: {r.seconds:.1f} s", file=sys.stderr, flush=True)
-        values = np.array(default_row["values"])
-        found = int(flipped[np.argsort(values, kind="stable")[: int(flipped.sum())]].sum())
-        rows[method] = {**default_row, "setting": best, "is_default": best == peer_settings.DEFAULTS[method],
-                        "found": found, "precision": found / int(flipped.sum())}
+        rows[method] = {**row, "setting": best, "is_default": best == peer_settings.DEFAULTS[method], "precision": row["found"] / int(flipped.sum())}
     return {"dataset": dataset, "tuning_seed": tuning["tuning_seed"], "flipped": flipped.tolist(), "rows": rows}
 
 
