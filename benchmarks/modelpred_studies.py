@@ -15,6 +15,12 @@ Sections (each cached as JSON under ``--cache``, so a killed run resumes by sect
 - ``deletion``: removing 10-50% of the pool: parameter error of ModelPred, the influence
   function, no update and the scikit-learn refit against exact retraining;
 - ``cleaning``: 10% flipped labels; precision at the flip rate and wall time of every method.
+  ``--peer-settings best|both`` adds each peer at its best setting (grids in
+  ``lightning_tda.modelpred.peer_settings``), chosen by precision at the flip rate on a tuning
+  problem that the tables never read: split seed ``--tuning-seed`` (1) and flip seed
+  ``--tuning-seed`` (the tables: 0 and 0). The tuning is cached as ``peer_tuning_<dataset>.json``,
+  the best settings' runs on the reported flips as ``cleaning_best_<dataset>.json`` (a best
+  setting equal to the default reuses the default's cached row); ModelPred is not refitted.
 
 Datasets: scikit-learn's digits (pixels / 16, seeded split: 300 train, 300 test) and
 breast-cancer (standardised, seeded split: 300 train, 200 test); target: logistic regression
@@ -62,7 +68,9 @@ from lightning_tda.modelpred import (  # noqa: E402
 )
 from lightning_tda.modelpred.baselines import tmc_shapley  # noqa: E402
 from lightning_tda.modelpred.cleaning import ALL_METHODS  # noqa: E402
+from lightning_tda.modelpred.cleaning import flip_labels  # noqa: E402
 from lightning_tda.modelpred.pairs import make_pairs, sample_masks  # noqa: E402
+from lightning_tda.modelpred import peer_settings  # noqa: E402
 
 RESULTS = _HERE / "results" / "modelpred_studies.md"
 SECTIONS = ("accuracy", "shapley", "deletion", "cleaning")
@@ -73,16 +81,25 @@ def quiet() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 
-def load_data(name: str, n_train: int, n_test: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def split_order(name: str, seed: int = 0) -> np.ndarray:
+    """The dataset's row order of a split: the first ``n_train`` rows train, the next ``n_test`` test."""
+    from sklearn.datasets import load_breast_cancer, load_digits
+
+    size = len((load_digits() if name == "digits" else load_breast_cancer()).target)
+    return np.random.default_rng(seed).permutation(size)
+
+
+def load_data(name: str, n_train: int, n_test: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The seeded split (seed 0: the reported tables; another seed: the peers' tuning problem)."""
     if name == "digits":
         from lightning_tda.modelpred.demo import digits_split
 
-        return digits_split(n_train, n_test, seed=0)
+        return digits_split(n_train, n_test, seed=seed)
     from sklearn.datasets import load_breast_cancer
     from sklearn.preprocessing import StandardScaler
 
     bc = load_breast_cancer()
-    order = np.random.default_rng(0).permutation(len(bc.target))
+    order = split_order(name, seed)
     x = StandardScaler().fit_transform(bc.data)[order]
     y = bc.target[order]
     return x[:n_train], y[:n_train], x[n_train : n_train + n_test], y[n_train : n_train + n_test]
@@ -246,6 +263,70 @@ def merged_cleaning(cache: Path, dataset: str) -> dict[str, Any] | None:
     return merged
 
 
+PEERS = ("leave_one_out", "tmc_shapley", "knn_shapley", "data_oob", "data_oob_target", "influence")
+REPORTED_SEED = 0  # split and flip seed of the reported cleaning tables
+
+
+def cleaning_problem(args: argparse.Namespace, dataset: str, seed: int) -> tuple[Any, ...]:
+    """The noisy pool of a cleaning problem: split seed = flip seed = ``seed`` (as ``cleaning_study``'s)."""
+    from lightning_tda.modelpred.targets import as_features, as_labels
+
+    x, y, xt, yt = load_data(dataset, args.n_train, args.n_test, seed=seed)
+    noisy, flipped = flip_labels(y, 0.1, classes(dataset), seed)
+    target = make_target("logistic", x, noisy, num_classes=classes(dataset))
+    return as_features(x), as_labels(noisy), flipped, target, HeldOutUtility(target, xt, yt)
+
+
+def peer_tuning_section(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
+    """Each peer's grid on the tuning problem (split and flip seed ``args.tuning_seed``), never the reported one."""
+    if args.tuning_seed == REPORTED_SEED:
+        raise SystemExit(f"--tuning-seed must differ from the reported tables' seed {REPORTED_SEED}")
+    x, noisy, flipped, target, utility = cleaning_problem(args, dataset, args.tuning_seed)
+    log = lambda text: print(f"[tuning {dataset}] {text}", file=sys.stderr, flush=True)  # noqa: E731
+    tuned = peer_settings.tune_peers(list(PEERS), target, x, noisy, flipped, utility, args.tmc_permutations, args.tuning_seed,
+                                     grids=getattr(args, "peer_grids", None), log=log)
+    order = split_order(dataset, args.tuning_seed)
+    return {"dataset": dataset, "tuning_seed": args.tuning_seed, "split_seed": args.tuning_seed, "flip_seed": args.tuning_seed,
+            "train_indices": order[: args.n_train].tolist(), "num_flipped": int(flipped.sum()),
+            "tmc_permutations": args.tmc_permutations, "peers": tuned}
+
+
+def peer_best_section(args: argparse.Namespace, dataset: str, tuning: dict[str, Any], defaults: dict[str, Any] | None) -> dict[str, Any]:
+    """Each peer at its tuned best on the reported problem (seed 0); a best equal to the default
+    reuses the default's row from the cached cleaning run when there is one."""
+    x, noisy, flipped, target, utility = cleaning_problem(args, dataset, REPORTED_SEED)
+    if defaults is not None and (defaults.get("flipped", flipped.tolist()) != flipped.tolist() or defaults["num_flipped"] != int(flipped.sum())):
+        raise SystemExit(f"the cached cleaning run of {dataset} flipped other labels than seed {REPORTED_SEED}; rerun it")
+    rows = {}
+    for method in PEERS:
+        best = tuning["peers"][method]["best"]
+        row = None
+        if defaults is not None and args.reuse_defaults and best == peer_settings.DEFAULTS[method]:
+            names = [m for m in defaults["methods"] if method_of(m) == method]
+            if names:  # older caches keep no values or flips: their found count is reused (same seeds and code)
+                i = defaults["methods"].index(names[0])
+                row = {"values": defaults["values"][i] if "values" in defaults else None, "found": defaults["found"][i],
+                       "seconds": defaults["seconds"][i], "reused_default": True}
+        if row is None:
+            r = peer_settings.run_peer(method, best, target, x, noisy, utility, args.tmc_permutations, REPORTED_SEED)
+            found = int(flipped[np.argsort(r.values, kind="stable")[: int(flipped.sum())]].sum())
+            row = {"values": r.values.tolist(), "found": found, "seconds": r.seconds, "reused_default": False}
+            print(f"[best {dataset}] {method} {peer_settings.describe(best)}: {r.seconds:.1f} s", file=sys.stderr, flush=True)
+        rows[method] = {**row, "setting": best, "is_default": best == peer_settings.DEFAULTS[method], "precision": row["found"] / int(flipped.sum())}
+    return {"dataset": dataset, "tuning_seed": tuning["tuning_seed"], "flipped": flipped.tolist(), "rows": rows}
+
+
+def method_of(name: str) -> str | None:
+    """The method key of a cleaning table's method name (its result's label)."""
+    for key, prefix in (("leave_one_out", "leave-one-out"), ("tmc_shapley", "TMC Shapley"), ("knn_shapley", "KNN-Shapley"),
+                        ("influence", "influence function")):
+        if name.startswith(prefix):
+            return key
+    if name.startswith("Data-OOB"):
+        return "data_oob" if "decision trees" in name else "data_oob_target"
+    return None
+
+
 def cleaning_figure(r: dict[str, Any], cache: Path) -> None:
     if "values" not in r:
         return
@@ -278,12 +359,34 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
             base = "" if mode == "deletion" else " (from a random half of the pool)"
             lines += [f"### {mode.capitalize()}{base}: {r['dataset']} (n = {r['n']}), relative parameter error against exact retraining, mean of {r['trials']} trials", "",
                       markdown_table(header, rows), ""]
+    best_of = {b["dataset"]: b for b in results.get("cleaning_best", [])}
+    tuning_of = {t["dataset"]: t for t in results.get("peer_tuning", [])}
     for r in results.get("cleaning", []):
         lines += [f"### Cleaning: {r['dataset']} (n = {r['n']}, {r['num_flipped']} labels flipped, 10%)", ""]
-        rows = [[m, f"{p:.3f}", str(f), f"{s:.1f} s"] for m, p, f, s in zip(r["methods"], r["precision"], r["found"], r["seconds"])]
-        lines += [markdown_table(["method", "precision at the flip rate (= recall)", "flipped found", "wall time"], rows),
+        best = best_of.get(r["dataset"])
+        rows = []
+        for m, p, f, s in zip(r["methods"], r["precision"], r["found"], r["seconds"]):
+            key = method_of(m)
+            if best is None:
+                rows.append([m, f"{p:.3f}", str(f), f"{s:.1f} s"])
+                continue
+            rows.append([m, "default" if key else "-", f"{p:.3f}", str(f), f"{s:.1f} s"])
+            if key in best["rows"]:
+                b = best["rows"][key]
+                same = " (= default; its row reused)" if b["reused_default"] else (" (= default)" if b["is_default"] else "")
+                rows.append([f"{m.split(' (')[0]}, tuned best", peer_settings.describe(b["setting"]) + same, f"{b['precision']:.3f}", str(b["found"]), f"{b['seconds']:.1f} s"])
+        header = ["method", "precision at the flip rate (= recall)", "flipped found", "wall time"]
+        lines += [markdown_table(header if best is None else header[:1] + ["setting"] + header[1:], rows),
                   "", f"ModelPred's times include its fit on the noisy data ({r['modelpred_fit_seconds']:.0f} s)"
                   + (f"; TMC Shapley used {r['tmc_permutations']} permutations." if r.get("tmc_permutations") else "."), ""]
+        tuning = tuning_of.get(r["dataset"])
+        if tuning is not None:
+            lines += [f"How each peer's best setting was chosen ({r['dataset']}): highest precision at the flip rate on a tuning problem the table never reads "
+                      f"(split seed {tuning['split_seed']}, flip seed {tuning['flip_seed']}; the table: 0 and 0; {tuning['num_flipped']} flips; "
+                      f"TMC at {tuning['tmc_permutations']} permutations, all tolerances from one pass); ties go to the default.", ""]
+            rows = [[key, "; ".join(f"{peer_settings.describe(g)}: {p:.3f}" for g, p in zip(t["grid"], t["precision"])) or "no setting of its own",
+                     peer_settings.describe(t["best"])] for key, t in tuning["peers"].items()]
+            lines += [markdown_table(["peer", "tuning precision per setting", "chosen"], rows), ""]
     return "\n".join(lines)
 
 
@@ -306,6 +409,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cleaning-methods", nargs="+", default=None, choices=ALL_METHODS,
                         help="cleaning: only these methods, cached as a part (parts with the same flips are merged in the report)")
+    parser.add_argument("--peer-settings", choices=["default", "best", "both"], default="default",
+                        help="cleaning: the peers at their defaults, at their best setting (tuned on --tuning-seed's problem), or both")
+    parser.add_argument("--tuning-seed", type=int, default=1, help="split and flip seed of the peers' tuning problem (not 0, the tables')")
     parser.add_argument("--no-ablation", dest="ablation", action="store_false",
                         help="accuracy: the full loss only (reusing the cached model), not the three ablations")
     parser.add_argument("--max-epochs", type=int, default=None, help="cap ModelPred's training epochs (default: its setting, 300)")
@@ -319,11 +425,14 @@ def main(argv: list[str] | None = None) -> str:
                           "max_epochs": 2, "hidden": 16, "set_features": 16}
         args.fresh = True
         args.datasets = ["breast-cancer"]
+        args.peer_grids = {"data_oob": [{"num_models": 10, "max_features": None}, {"num_models": 10, "max_features": "sqrt"}],
+                           "data_oob_target": [{"num_models": 5}, {"num_models": 10}]}
     if args.max_epochs is not None and args.max_epochs < 1:
         raise SystemExit("--max-epochs must be >= 1")
     for name in ("n_train", "n_test", "held_out", "shapley_n", "shapley_permutations", "truth_permutations", "tmc_permutations", "oob_models", "trials"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    args.reuse_defaults = not args.quick and args.oob_models == 1000  # the default rows were made at peer_settings.DEFAULTS
     torch.set_num_threads(args.threads)
     quiet()
     functions = {"accuracy": accuracy_section, "shapley": shapley_section, "deletion": deletion_section, "cleaning": cleaning_section}
@@ -331,7 +440,7 @@ def main(argv: list[str] | None = None) -> str:
     for section in SECTIONS:  # sections not asked for are read from the cache when there
         for dataset in args.datasets:
             name = cleaning_name(dataset, args.cleaning_methods) if section == "cleaning" else f"{section}_{dataset}"
-            if section in args.sections:
+            if section in args.sections and not (section == "cleaning" and args.peer_settings == "best"):
                 start = time.perf_counter()
                 result = cached(args.cache, name, args.fresh, lambda: functions[section](args, dataset))
                 print(f"[{section} {dataset}] {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
@@ -344,6 +453,13 @@ def main(argv: list[str] | None = None) -> str:
                 result = merged_cleaning(args.cache, dataset) if not args.quick else result
                 if result is not None:
                     cleaning_figure(result, args.cache)
+                if section in args.sections and args.peer_settings != "default":
+                    tuning = cached(args.cache, f"peer_tuning_{dataset}", args.fresh, lambda: peer_tuning_section(args, dataset))
+                    best = cached(args.cache, f"cleaning_best_{dataset}", args.fresh, lambda: peer_best_section(args, dataset, tuning, result))
+                    if any(best["rows"][m]["setting"] != tuning["peers"][m]["best"] for m in PEERS):  # the tuning changed: rerun
+                        best = cached(args.cache, f"cleaning_best_{dataset}", True, lambda: peer_best_section(args, dataset, tuning, result))
+                    results.setdefault("peer_tuning", []).append(tuning)
+                    results.setdefault("cleaning_best", []).append(best)
             if result is not None:
                 results.setdefault(section, []).append(result)
     text = report(results, args)

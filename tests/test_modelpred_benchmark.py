@@ -27,10 +27,11 @@ def test_modelpred_benchmark_quick(tmp_path):
 
 def test_modelpred_studies_quick(tmp_path):
     out = tmp_path / "studies.md"
-    load("modelpred_studies").main(["--quick", "--cache", str(tmp_path / "cache"), "--out", str(out)])
+    load("modelpred_studies").main(["--quick", "--cache", str(tmp_path / "cache"), "--out", str(out), "--peer-settings", "both"])
     report = out.read_text()
     for needle in ("Accuracy of the prediction: breast-cancer", "without global (KKT)", "Shapley values against Shapley by retraining",
-                   "Deletion", "Addition", "Cleaning: breast-cancer", "KNN-Shapley", "Data-OOB", "influence function"):
+                   "Deletion", "Addition", "Cleaning: breast-cancer", "KNN-Shapley", "Data-OOB", "influence function",
+                   "KNN-Shapley, tuned best", "TMC Shapley, tuned best", "influence function, tuned best", "split seed 1, flip seed 1"):
         assert needle in report, needle
 
 

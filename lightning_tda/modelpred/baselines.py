@@ -119,11 +119,14 @@ def data_oob(
     target: Target | None = None,
     seed: int = 0,
     progress: bool = False,
+    max_features: str | int | float | None = None,
 ) -> ValuationResult:
     """Data-OOB: each example's mean accuracy under the bagged models whose bootstrap sample
     left it out. ``learner="tree"``: scikit-learn decision trees (the paper's random-forest
     setting; ``random_state`` of model ``b`` is ``seed + b``); ``learner="target"``: the target
-    model, all bootstrap samples solved in one batched exact solve (sample counts as weights)."""
+    model, all bootstrap samples solved in one batched exact solve (sample counts as weights).
+    ``max_features``: the trees' features per split (scikit-learn's; ``"sqrt"`` makes the bag a
+    random forest; ``None``: all features)."""
     if num_models < 2:
         raise ValueError(f"num_models must be >= 2, got {num_models}")
     start = time.perf_counter()
@@ -139,7 +142,7 @@ def data_oob(
 
         correct = np.zeros((num_models, n), dtype=bool)
         for b in tqdm(range(num_models), desc="Data-OOB trees", disable=not progress, leave=False):
-            tree = DecisionTreeClassifier(random_state=seed + b).fit(xt.numpy()[samples[b]], yt.numpy()[samples[b]])
+            tree = DecisionTreeClassifier(random_state=seed + b, max_features=max_features).fit(xt.numpy()[samples[b]], yt.numpy()[samples[b]])
             correct[b] = tree.predict(xt.numpy()) == yt.numpy()
     elif learner == "target":
         if target is None:
@@ -154,26 +157,33 @@ def data_oob(
     seen = out_of_bag.sum(0)
     values = np.where(seen > 0, (correct & out_of_bag).sum(0) / np.maximum(seen, 1), np.nan)
     values = np.nan_to_num(values, nan=float(np.nanmean(values)) if np.isfinite(values).any() else 0.0)
-    method = f"Data-OOB ({num_models} {'decision trees' if learner == 'tree' else target.name + ' models'})"  # type: ignore[union-attr]
-    return ValuationResult(values, np.full(n, np.nan), method, time.perf_counter() - start, {"num_models": num_models, "learner": learner, "seed": seed})
+    kind = ("decision trees" + (f", max_features={max_features}" if max_features is not None else "")) if learner == "tree" else target.name + " models"  # type: ignore[union-attr]
+    settings = {"num_models": num_models, "learner": learner, "seed": seed, "max_features": max_features}
+    return ValuationResult(values, np.full(n, np.nan), f"Data-OOB ({num_models} {kind})", time.perf_counter() - start, settings)
 
 
-def influence_values(target: Target, x_test: Any, y_test: Any, theta: torch.Tensor | None = None) -> ValuationResult:
+def influence_values(target: Target, x_test: Any, y_test: Any, theta: torch.Tensor | None = None, damping: float = 0.0) -> ValuationResult:
     """First-order leave-one-out values from the influence function at the full-data solution:
 
     .. math::  v_i = C\\, \\nabla L_T(\\theta^*)^\\top H^{-1} \\nabla \\ell_i(\\theta^*) \\approx U(D) - U(D \\setminus \\{i\\}),
 
     :math:`H` the exact Hessian of the target objective on all of :math:`D`, :math:`L_T` the mean
-    test loss (removing :math:`i` moves the solution by :math:`H^{-1} C \\nabla \\ell_i`)."""
+    test loss (removing :math:`i` moves the solution by :math:`H^{-1} C \\nabla \\ell_i`).
+    ``damping``: :math:`\\lambda` in :math:`H + \\lambda I` (Koh & Liang's damping; 0 by default,
+    as the L2-regularised target's Hessian is positive definite)."""
+    if damping < 0:
+        raise ValueError(f"damping must be >= 0, got {damping}")
     start = time.perf_counter()
     utility = HeldOutUtility(target, x_test, y_test)
     ones = torch.ones(1, target.n, dtype=torch.float64)
     theta = target.solve(ones)[0] if theta is None else torch.as_tensor(theta, dtype=torch.float64)
     hessian = target.hessian(theta[None], ones)[0]
+    hessian = hessian + damping * torch.eye(len(hessian), dtype=hessian.dtype)
     test_gradient = target.loss_gradients(theta, utility.x, utility.y).mean(0)
     direction = torch.linalg.solve(hessian, test_gradient)
     values = target.C * (target.loss_gradients(theta) @ direction)
-    return ValuationResult(values.numpy(), np.full(target.n, np.nan), "influence function", time.perf_counter() - start, {})
+    method = "influence function" + (f" (damping {damping})" if damping else "")
+    return ValuationResult(values.numpy(), np.full(target.n, np.nan), method, time.perf_counter() - start, {"damping": damping})
 
 
 __all__ = ["tmc_shapley", "knn_utility", "knn_shapley", "data_oob", "influence_values"]
