@@ -71,6 +71,7 @@ _spec = importlib.util.spec_from_file_location("_bench_common", _HERE / "_common
 _common = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_common)
 machine, markdown_table, ratio_spread = _common.machine, _common.markdown_table, _common.ratio_spread
+reset_peak_rss, status_bytes = _common.reset_peak_rss, _common.status_bytes
 spread, timed, today = _common.spread, _common.timed, _common.today
 
 ROOT = _HERE.parent
@@ -161,19 +162,6 @@ def _with_scipy(fn: Callable, arrays: tuple) -> object:
         return fn(*arrays)
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak_rss() -> int:
-    """Reset the resident-set high-water mark (VmHWM) to the current RSS; return that RSS."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_bytes("VmRSS")
 
 
 def blockwise_worker(n: int, d: int, block: int | None, device: str) -> dict:
@@ -186,12 +174,12 @@ def blockwise_worker(n: int, d: int, block: int | None, device: str) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base_gpu = torch.cuda.memory_allocated()
-    base_rss = _reset_peak_rss()
+    base_rss = reset_peak_rss()
     start = time.perf_counter()
     value = D.distance_correlation(x, y, method="blockwise", block_size=block)
     float(value)  # synchronises
     seconds = time.perf_counter() - start
-    peak_rss = _status_bytes("VmHWM")
+    peak_rss = status_bytes("VmHWM")
     out = {"n": n, "d": d, "block": block, "device": device, "seconds": seconds, "value": float(value),
            "rss_growth_bytes": peak_rss - base_rss, "inputs_bytes": 2 * x.numel() * x.element_size()}
     if dev.type == "cuda":

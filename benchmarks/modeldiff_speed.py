@@ -40,21 +40,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, markdown_table, today  # noqa: E402
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak_rss() -> int:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_bytes("VmRSS")
+from _common import machine, markdown_table, reset_peak_rss, status_bytes, today  # noqa: E402
 
 
 def synthetic(n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +72,7 @@ def worker(kind: str, n: int, d: int, threads: int) -> dict:
         package.get_variance_along_directions = lambda X, P, **kw: original(X, P, device="cpu")
     a, b = synthetic(n, d)
     inputs = 2 * a.numel() * a.element_size()
-    base = _reset_peak_rss()
+    base = reset_peak_rss()
     start = time.perf_counter()
     if kind.startswith("ours"):
         residual_of = "raw" if kind == "ours-raw" else "normalized"
@@ -96,7 +82,7 @@ def worker(kind: str, n: int, d: int, threads: int) -> dict:
         out = package.residual_pca(a, b, 5)
         directions, variance_a = np.asarray(out["directions"]), np.asarray(out["variances"]["A"])
     seconds = time.perf_counter() - start
-    peak = _status_bytes("VmHWM")
+    peak = status_bytes("VmHWM")
     return {"kind": kind, "n": n, "d": d, "seconds": seconds, "inputs_bytes": inputs, "base_rss": base,
             "peak_rss": peak, "extra_bytes": peak - base, "directions": np.asarray(directions, dtype=np.float64).tolist(),
             "variance_a": np.asarray(variance_a, dtype=np.float64).tolist()}

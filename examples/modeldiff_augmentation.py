@@ -20,27 +20,22 @@ Writes the figures, image tables and result.json under ``--out`` (runs/modeldiff
 
 from __future__ import annotations
 
-from lightning_tda.modeldiff import Compose, GaussianBlur, PerImage, RandomShift, Rotate, Shift
-from lightning_tda.modeldiff.case_study import Algorithm, case_study_parser, finish, parse_case_study_args, run_case_study
+from lightning_tda.modeldiff import Compose, PerImage, RandomShift, Rotate
+from lightning_tda.modeldiff.case_study import (
+    Algorithm, case_study_parser, finish, parse_case_study_args, run_case_study, verification_transforms,
+)
 from lightning_tda.modeldiff.digits import CaseStudyData, digits_splits
 from lightning_tda.reporting import Reporter
 
-TRANSFORMS = {
-    "shift": Shift(0, 1),
-    "rotate": Rotate(15.0),
-    "blur": GaussianBlur(0.7),
-}
-
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = case_study_parser(__doc__, "augmentation")
-    parser.add_argument("--verify", choices=sorted(TRANSFORMS), default="shift", help="the transformation to verify (target: each image's own label)")
+    parser = case_study_parser(__doc__, "augmentation", verify="shift")
     args = parse_case_study_args(parser, argv)
     train, test = digits_splits()
     augment = PerImage(Compose([RandomShift(1), Rotate(15.0, random=True)]))
     a = Algorithm("plain", CaseStudyData(train, test))
     b = Algorithm("augmented", CaseStudyData(train, test, train_transform=augment))
-    report, summary, _ = run_case_study(args, a, b, train, test, transform=TRANSFORMS[args.verify], target_class="label")
+    report, summary, _ = run_case_study(args, a, b, train, test, transform=verification_transforms()[args.verify], target_class="label")
     finish(args, report, summary, "augmentation", "without (A) and with (B) shift+rotation augmentation", Reporter(args.out))
     return summary
 

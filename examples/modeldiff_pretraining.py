@@ -20,22 +20,15 @@ Writes the figures, image tables and result.json under ``--out`` (runs/modeldiff
 from __future__ import annotations
 
 from lightning_tda.arguments import positive_int
-from lightning_tda.modeldiff import ChangeIntensity, GaussianBlur, Rotate, Shift
-from lightning_tda.modeldiff.case_study import Algorithm, case_study_parser, finish, parse_case_study_args, run_case_study
+from lightning_tda.modeldiff.case_study import (
+    Algorithm, case_study_parser, finish, parse_case_study_args, run_case_study, verification_transforms,
+)
 from lightning_tda.modeldiff.digits import CaseStudyData, digits_splits, fine_tune_start, rotation_pretrained
 from lightning_tda.reporting import Reporter
 
-TRANSFORMS = {
-    "shift": Shift(0, 1),
-    "rotate": Rotate(15.0),
-    "blur": GaussianBlur(0.7),
-    "dim": ChangeIntensity(0.5),
-}
-
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = case_study_parser(__doc__, "pretraining")
-    parser.add_argument("--verify", choices=sorted(TRANSFORMS), default="rotate", help="the transformation to verify (target: each image's own label)")
+    parser = case_study_parser(__doc__, "pretraining", verify="rotate")
     parser.add_argument("--pretrain-epochs", type=positive_int, default=None, help="epochs of the rotation task (default 10; 3 with --fast)")
     args = parse_case_study_args(parser, argv)
     pretrain_epochs = args.pretrain_epochs if args.pretrain_epochs is not None else (3 if args.fast else 10)
@@ -43,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     pretrained = rotation_pretrained(train, epochs=pretrain_epochs, seed=args.seed + 7)
     a = Algorithm("scratch", CaseStudyData(train, test))
     b = Algorithm("pretrained", CaseStudyData(train, test), make_model=fine_tune_start(pretrained), lr=0.02)
-    report, summary, _ = run_case_study(args, a, b, train, test, transform=TRANSFORMS[args.verify], target_class="label")
+    report, summary, _ = run_case_study(args, a, b, train, test, transform=verification_transforms()[args.verify], target_class="label")
     summary["pretrain_epochs"] = pretrain_epochs
     finish(args, report, summary, "pretraining", "from scratch (A) against fine-tuned from rotation pre-training (B)", Reporter(args.out))
     return summary

@@ -21,27 +21,20 @@ Writes the figures, image tables and result.json under ``--out`` (runs/modeldiff
 
 from __future__ import annotations
 
-from lightning_tda.modeldiff import ChangeIntensity, GaussianBlur, Rotate, Shift
-from lightning_tda.modeldiff.case_study import Algorithm, case_study_parser, finish, parse_case_study_args, run_case_study
+from lightning_tda.modeldiff.case_study import (
+    Algorithm, case_study_parser, finish, parse_case_study_args, run_case_study, verification_transforms,
+)
 from lightning_tda.modeldiff.digits import CaseStudyData, digits_splits
 from lightning_tda.reporting import Reporter
 
-TRANSFORMS = {
-    "shift": Shift(0, 1),
-    "rotate": Rotate(15.0),
-    "blur": GaussianBlur(0.7),
-    "dim": ChangeIntensity(0.5),
-}
-
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = case_study_parser(__doc__, "sgd")
-    parser.add_argument("--verify", choices=sorted(TRANSFORMS), default="blur", help="the transformation to verify (target: each image's own label)")
+    parser = case_study_parser(__doc__, "sgd", verify="blur")
     args = parse_case_study_args(parser, argv)
     train, test = digits_splits()
     a = Algorithm("lr0.05-b16", CaseStudyData(train, test, batch_size=16), lr=0.05)
     b = Algorithm("lr0.02-b64", CaseStudyData(train, test, batch_size=64), lr=0.02)
-    report, summary, _ = run_case_study(args, a, b, train, test, transform=TRANSFORMS[args.verify], target_class="label")
+    report, summary, _ = run_case_study(args, a, b, train, test, transform=verification_transforms()[args.verify], target_class="label")
     finish(args, report, summary, "sgd", "SGD: lr 0.05, batch 16 (A) against lr 0.02, batch 64 (B)", Reporter(args.out))
     return summary
 

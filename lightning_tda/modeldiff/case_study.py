@@ -41,10 +41,19 @@ class Algorithm:
     lr: float = 0.05
 
 
-def case_study_parser(description: str | None, name: str) -> argparse.ArgumentParser:
+def verification_transforms() -> dict[str, Callable[[Tensor], Tensor]]:
+    """The transformations a case study can verify (``--verify``), by name."""
+    from lightning_tda.modeldiff.transformations import ChangeIntensity, GaussianBlur, Rotate, Shift
+
+    return {"shift": Shift(0, 1), "rotate": Rotate(15.0), "blur": GaussianBlur(0.7), "dim": ChangeIntensity(0.5)}
+
+
+def case_study_parser(description: str | None, name: str, verify: str = "shift") -> argparse.ArgumentParser:
     """The arguments every case study takes (checked types: a bad value exits with code 2
-    before anything runs)."""
+    before anything runs); ``verify`` is the default transformation to verify."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--verify", choices=sorted(verification_transforms()), default=verify,
+                        help="the transformation to verify (target: each image's own label)")
     parser.add_argument("--fast", action="store_true", help="4 models per algorithm, 8 epochs, k = 512 (1-4 minutes)")
     parser.add_argument("--models", type=positive_int, default=None, help="models per algorithm, >= 2 (default 10; 4 with --fast)")
     parser.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default 15; 8 with --fast)")
