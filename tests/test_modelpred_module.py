@@ -139,3 +139,36 @@ def test_features_from_a_recorded_store(tmp_path):
     assert mp.target.num_features == 64
     with pytest.raises(ValueError, match="no complete embeddings record"):
         embeddings_from_store(tmp_path / "without", "train")
+
+
+def test_elu_is_torchs_elu_in_value_and_gradient():
+    from lightning_tda.modelpred.network import ELU
+
+    x = torch.linspace(-30, 30, 2001, dtype=torch.float64).requires_grad_()
+    ours, ref = ELU()(x), torch.nn.functional.elu(x)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-15)
+    torch.testing.assert_close(torch.autograd.grad(ours.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0])
+
+
+def test_cached_pool_embedding_follows_the_weights(fitted):
+    mp, x, y = fitted
+    masks = random_size_masks(len(y), 6, np.random.default_rng(3), min_size=1)
+    module = mp.module
+    direct = lambda: module.network(torch.as_tensor(masks, dtype=torch.float32), module.elements) * module.theta_std + module.theta_mean  # noqa: E731
+    torch.testing.assert_close(mp.predict_params(masks), direct().detach())
+    assert mp.embedded_pool() is mp.embedded_pool()  # computed once
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    try:
+        with torch.no_grad():
+            module.network.phi[0].weight.mul_(1.5)  # an in-place change, as an optimiser step makes
+        torch.testing.assert_close(mp.predict_params(masks), direct().detach())
+        module.load_state_dict(before)
+        torch.testing.assert_close(mp.predict_params(masks), direct().detach())
+    finally:
+        module.load_state_dict(before)
+    # bool masks take the fast check and still refuse an empty subset with the target's message
+    masks[2] = False
+    with pytest.raises(ValueError, match=r"subsets \[2\] are empty"):
+        mp.predict_params(masks)
+    with pytest.raises(ValueError, match=r"subsets \[2\] are empty"):
+        mp.predict_params(torch.as_tensor(masks))

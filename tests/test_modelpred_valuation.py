@@ -22,6 +22,7 @@ from lightning_tda.modelpred import (
     greedy_selection,
     influence_update,
     leave_one_out_values,
+    make_target,
     memorization,
     modelpred_leave_one_out,
     modelpred_shapley,
@@ -62,6 +63,22 @@ def test_permutation_shapley_over_all_orderings_is_exact_shapley():
     # efficiency: the values add up to U(D) - U(empty)
     full = float(fn(torch.ones(1, 5, dtype=torch.bool))[0])
     assert sampled.values.sum() == pytest.approx(full - utility.empty(), abs=1e-9)
+
+
+@pytest.mark.parametrize("name", ["logistic", "svm"])
+@pytest.mark.parametrize("classes", [2, 3])
+def test_held_out_utility_is_the_mean_test_loss(name, classes):
+    x, y = blobs(30, 4, classes)
+    xt, yt = blobs(25, 4, classes, seed=5)
+    target = make_target(name, x, y)
+    utility = HeldOutUtility(target, xt, yt)
+    theta = torch.randn(11, target.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    reference = torch.stack([-target.example_losses(t, xt, yt).mean() for t in theta])  # one model at a time
+    torch.testing.assert_close(utility(theta), reference)
+    torch.testing.assert_close(utility(theta, chunk_size=4), reference)
+    torch.testing.assert_close(utility(theta.to(torch.float32)), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(utility(theta.reshape(11, 1, -1)), reference[:, None])
+    assert utility(theta.to(torch.float32)).dtype == torch.float64
 
 
 def test_leave_one_out_values_are_the_utility_drops():

@@ -123,6 +123,7 @@ class ModelPred:
         self.settings = settings
         self.validation = validation
         self.history = history or []
+        self._embedded: tuple[tuple[int, ...], Tensor] | None = None
 
     # ------------------------------------------------------------------ fitting
     @classmethod
@@ -209,16 +210,32 @@ class ModelPred:
 
     def check_masks(self, masks: Any) -> Tensor:
         """Masks ``[m, n]`` (bool or non-negative weights) as float32, refusing empty subsets."""
+        if isinstance(masks, (Tensor, np.ndarray)) and masks.dtype in (torch.bool, np.bool_) and masks.ndim == 2 and masks.shape[1] == self.target.n:
+            w = torch.as_tensor(masks).detach().cpu()  # bool: nothing negative or non-finite to refuse
+            if not w.any(1).all():
+                self.target.check_weights(w)  # raises the target's own message for the empty subsets
+            return w.to(torch.float32)
         return self.target.check_weights(masks).to(torch.float32)
+
+    def embedded_pool(self) -> Tensor:
+        """``phi`` of every pool example ``[n, set_features]``: the same for every subset, so
+        computed once and kept until the set network's weights change (an optimiser step or
+        ``load_state_dict`` bumps their version)."""
+        net = self.module.network
+        key = tuple(p._version for p in net.phi.parameters()) + tuple(p.data_ptr() for p in net.phi.parameters())
+        if self._embedded is None or self._embedded[0] != key:
+            with torch.no_grad():
+                self._embedded = (key, net.embed(self.module.elements))
+        return self._embedded[1]
 
     @torch.no_grad()
     def predict_params(self, masks: Any, chunk_size: int = 4096) -> Tensor:
         """Predicted parameters ``[m, P]`` (float32) of the model trained on each subset
-        ``masks [m, n]``: one pass of the set network's ``phi`` over the pool, then one product
-        per chunk of subsets."""
+        ``masks [m, n]``: ``phi`` of the pool (cached, :meth:`embedded_pool`), then one product
+        and one pass of ``rho`` per chunk of subsets."""
         weights = self.check_masks(masks)
         net, module = self.module.network, self.module
-        embedded = net.embed(module.elements)
+        embedded = self.embedded_pool()
         out = [net.rho(net.pool(w, embedded)) * module.theta_std + module.theta_mean for w in weights.split(chunk_size)]
         return torch.cat(out)
 

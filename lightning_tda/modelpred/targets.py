@@ -197,7 +197,8 @@ class Target(ABC):
 
     @abstractmethod
     def score_losses(self, z: Tensor, y: Tensor) -> Tensor:
-        """Per-example loss ``[..., n]`` from raw outputs ``z [..., n, outputs]``."""
+        """Per-example loss ``[...]`` from raw outputs ``z [..., outputs]``; the labels ``y`` broadcast
+        against ``z.shape[:-1]`` (``[n]`` for ``z [..., n, outputs]``, ``[n, 1]`` for ``z [n, models, outputs]``)."""
 
     @abstractmethod
     def score_derivatives(self, z: Tensor, y: Tensor) -> Tensor:
