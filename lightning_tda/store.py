@@ -935,11 +935,15 @@ def fingerprint_of(store: RunStore, split: str) -> dict[str, Any] | None:
     return store.manifest[schema.FINGERPRINTS].get(split)
 
 
-def check_same_dataset(entries: Sequence[tuple[str, Mapping[str, Any] | None]], role: str) -> dict[str, Any] | None:
+def check_same_dataset(
+    entries: Sequence[tuple[str, Mapping[str, Any] | None]],
+    role: str,
+    why: str = "scores are averaged and compared only over runs of the same dataset: pass stores recorded on one dataset",
+) -> dict[str, Any] | None:
     """Check that every ``(where, fingerprint)`` describes one dataset (its ``role``, e.g. "train
     split 'train'"); return the fingerprint. Raises :class:`FingerprintMismatchError` naming both
-    places when two differ, and :class:`StoreError` when several are given and one has none
-    (nothing could be checked)."""
+    places and ending with ``why`` (what the caller needs one dataset for) when two differ, and
+    :class:`StoreError` when several are given and one has none (nothing could be checked)."""
     known = [(where, dict(fp)) for where, fp in entries if fp is not None]
     missing = [where for where, fp in entries if fp is None]
     if len(entries) > 1 and missing:
@@ -952,9 +956,29 @@ def check_same_dataset(entries: Sequence[tuple[str, Mapping[str, Any] | None]], 
         if fp != known[0][1]:
             first, reference = known[0]
             raise FingerprintMismatchError(
-                f"{where} and {first} hold different datasets for the {role} (sizes "
-                f"{fp.get(schema.FINGERPRINT_SIZE)} and {reference.get(schema.FINGERPRINT_SIZE)}, labels sha256 "
-                f"{str(fp.get(schema.FINGERPRINT_LABELS))[:12]}... and {str(reference.get(schema.FINGERPRINT_LABELS))[:12]}...); scores "
-                "are averaged and compared only over runs of the same dataset: pass stores recorded on one dataset"
+                f"{first} and {where} were recorded on different datasets for the {role} (sizes "
+                f"{reference.get(schema.FINGERPRINT_SIZE)} and {fp.get(schema.FINGERPRINT_SIZE)}, labels sha256 "
+                f"{str(reference.get(schema.FINGERPRINT_LABELS))[:12]}... and {str(fp.get(schema.FINGERPRINT_LABELS))[:12]}...); {why}"
             )
     return known[0][1] if known else None
+
+
+def check_stores_share_datasets(stores: Sequence[RunStore], splits: Sequence[str], why: str) -> dict[str, dict[str, Any]]:
+    """Raise unless every store recorded each of ``splits`` on one dataset (equal fingerprints);
+    return each split's fingerprint. The one check behind every analysis that reads several
+    stores: a store without the split raises :class:`StoreError` listing the splits it has, two
+    that differ raise :class:`FingerprintMismatchError` naming both and ending with ``why``."""
+    if not stores:
+        raise ValueError("no stores given: pass at least one RunStore")
+    found: dict[str, dict[str, Any]] = {}
+    for split in splits:
+        for store in stores:
+            if fingerprint_of(store, split) is None:
+                raise StoreError(
+                    f"the RunStore at {store.path} has no {split!r} dataset recorded (it has "
+                    f"{sorted(store.manifest[schema.FINGERPRINTS])}); record that split or pass the split names it has"
+                )
+        fp = check_same_dataset([(f"the RunStore at {s.path}", fingerprint_of(s, split)) for s in stores], f"{split!r} split", why)
+        assert fp is not None
+        found[split] = fp
+    return found

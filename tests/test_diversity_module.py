@@ -108,7 +108,7 @@ def test_from_stores_bad_inputs(tmp_path):
     store_a, _, dm = _record(tmp_path, "a", seed=0)
     store_other, _, dm_other = _record(tmp_path, "other", seed=0, split_seed=1)  # another val split
     val = dm.recording_dataset("val")
-    with pytest.raises(FingerprintMismatchError, match=f"stores of different datasets: {store_a} and {store_other}"):
+    with pytest.raises(FingerprintMismatchError, match=f"{store_a} and the RunStore at {store_other} were recorded on different datasets for the .val. split"):
         EnsembleDiversity.from_stores([store_a, store_other], val, held_out=0.5)
     with pytest.raises(FingerprintMismatchError, match="labels given .* are not those of split 'val'"):
         EnsembleDiversity.from_stores([store_a, store_a], dm_other.recording_dataset("val"), held_out=0.5)

@@ -53,7 +53,7 @@ def test_stores_of_different_datasets_are_refused(runs, tmp_path):
     other = RunStore.create(tmp_path / "other")
     other.set_fingerprint("train", {"size": 150, "labels_sha256": "0" * 64})
     other.set_fingerprint("val", stores_a[0].manifest["fingerprints"]["val"])
-    with pytest.raises(FingerprintMismatchError, match="different 'train' datasets") as err:
+    with pytest.raises(FingerprintMismatchError, match="different datasets for the 'train' split") as err:
         ModelDiff.from_stores(stores_a, [other, other])
     assert stores_a[0].path in str(err.value) and other.path in str(err.value)
     empty = RunStore.create(tmp_path / "empty")

@@ -264,3 +264,22 @@ def test_damaged_manifest_names_the_file(tmp_path):
     path.write_text(path.read_text()[:20])
     with pytest.raises(StoreError, match=r"manifest.json is damaged.*not valid JSON"):
         RunStore(tmp_path / "run")
+
+
+def test_one_check_that_stores_share_their_datasets(tmp_path):
+    from lightning_tda import schema
+    from lightning_tda.store import FingerprintMismatchError, RunStore, StoreError, check_stores_share_datasets
+
+    def store(name, size, labels="abc"):
+        s = RunStore.create(tmp_path / name)
+        s.update_manifest(lambda m: m[schema.FINGERPRINTS].update(train={schema.FINGERPRINT_SIZE: size, schema.FINGERPRINT_LABELS: labels}))
+        return s
+
+    a, b, other = store("a", 10), store("b", 10), store("other", 12, "def")
+    assert check_stores_share_datasets([a, b], ["train"], "why")["train"][schema.FINGERPRINT_SIZE] == 10
+    with pytest.raises(FingerprintMismatchError, match=r"a and the RunStore at .*other were recorded on different datasets for the 'train' split \(sizes 10 and 12.*; because"):
+        check_stores_share_datasets([a, b, other], ["train"], "because")
+    with pytest.raises(StoreError, match=r"the RunStore at .*a has no 'test' dataset recorded \(it has \['train'\]\)"):
+        check_stores_share_datasets([a, b], ["train", "test"], "why")
+    with pytest.raises(ValueError, match="no stores given"):
+        check_stores_share_datasets([], ["train"], "why")

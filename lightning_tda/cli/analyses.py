@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from lightning_tda import schema
 from lightning_tda.cli.datasets import store_dataset
 from lightning_tda.cli.output import check_output_dir, finish, make_reporter
-from lightning_tda.store import FingerprintMismatchError, RunStore
+from lightning_tda.store import RunStore, check_stores_share_datasets
 
 ScorerName = Literal["trak", "grad_dot", "grad_cos", "tracin", "influence"]
 
@@ -28,19 +28,8 @@ def open_stores(paths: Sequence[str], what: str = "STORE") -> list[RunStore]:
 
 
 def check_same_datasets(stores: Sequence[RunStore], splits: Sequence[str]) -> None:
-    """Every store recorded ``splits`` on the same datasets (fingerprints); the error names both stores."""
-    first = stores[0]
-    for split in splits:
-        fp0 = first.manifest["fingerprints"].get(split)
-        if fp0 is None:
-            raise ValueError(f"{first.path} has no {split!r} split (it has {sorted(first.manifest['fingerprints'])})")
-        for other in stores[1:]:
-            fp = other.manifest["fingerprints"].get(split)
-            if fp != fp0:
-                raise FingerprintMismatchError(
-                    f"{first.path} and {other.path} were recorded on different {split!r} datasets "
-                    f"(sizes {fp0.get('size')} and {None if fp is None else fp.get('size')}); give stores of one dataset"
-                )
+    """Every store recorded ``splits`` on the same datasets, checked before any work starts."""
+    check_stores_share_datasets(stores, splits, "give stores recorded on one dataset")
 
 
 def make_scorer(name: str, progress: bool = True):  # type: ignore[no-untyped-def]

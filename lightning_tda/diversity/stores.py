@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from lightning_tda import schema
 from lightning_tda.callbacks.margin_recorder import read_logits
 from lightning_tda.data import dataset_fingerprint, dataset_labels
-from lightning_tda.store import FingerprintMismatchError, RunStore, StoreError
+from lightning_tda.store import FingerprintMismatchError, RunStore, StoreError, check_stores_share_datasets
 
 __all__ = ["StoreOutputs", "read_store_outputs"]
 
@@ -68,21 +68,8 @@ class _LabelsOnly(Dataset):
 
 
 def _check_fingerprints(stores: Sequence[RunStore], split: str, labels: Tensor) -> None:
-    first = None
-    for store in stores:
-        fp = store.manifest[schema.FINGERPRINTS].get(split)
-        if fp is None:
-            raise StoreError(f"{store.path} recorded no split {split!r} (it has {sorted(store.manifest[schema.FINGERPRINTS])})")
-        if first is None:
-            first = (store, fp)
-        elif dict(fp) != dict(first[1]):
-            raise FingerprintMismatchError(
-                f"stores of different datasets: {first[0].path} and {store.path} recorded different "
-                f"{split!r} splits (sizes {first[1].get(schema.FINGERPRINT_SIZE)} and {fp.get(schema.FINGERPRINT_SIZE)}, label hashes "
-                f"{str(first[1].get(schema.FINGERPRINT_LABELS))[:12]}... and {str(fp.get(schema.FINGERPRINT_LABELS))[:12]}...); "
-                "compare runs recorded on the same dataset split"
-            )
-    assert first is not None
+    recorded = check_stores_share_datasets(stores, [split], "compare runs recorded on the same dataset split")[split]
+    first = (stores[0], recorded)
     given = dataset_fingerprint(_LabelsOnly(labels))
     if given != dict(first[1]):
         raise FingerprintMismatchError(

@@ -46,7 +46,7 @@ from lightning_tda.modeldiff.functional import (
     residual_pca,
 )
 from lightning_tda import schema
-from lightning_tda.store import FingerprintMismatchError, RunStore, StoreError, fingerprint_of
+from lightning_tda.store import RunStore, check_stores_share_datasets
 
 if TYPE_CHECKING:
     from lightning_tda.attribution import Scorer
@@ -59,24 +59,8 @@ def algorithm_of(store: RunStore) -> str | None:
 
 def check_same_datasets(stores: Sequence[RunStore], splits: Sequence[str]) -> None:
     """Raise unless every store was recorded on the same ``splits`` datasets (equal fingerprints);
-    the error names both stores."""
-    reference = stores[0]
-    for split in splits:
-        expected = fingerprint_of(reference, split)
-        if expected is None:
-            raise StoreError(
-                f"the RunStore at {reference.path} has no {split!r} dataset recorded; record that split "
-                "(the GradientRecorder's splits) or pass the split names it has"
-            )
-        for store in stores[1:]:
-            found = fingerprint_of(store, split)
-            if found != expected:
-                raise FingerprintMismatchError(
-                    f"the RunStores at {reference.path} and {store.path} were recorded on different "
-                    f"{split!r} datasets (sizes {expected.get(schema.FINGERPRINT_SIZE)} and "
-                    f"{None if found is None else found.get(schema.FINGERPRINT_SIZE)}, label hashes differ or are missing); "
-                    "ModelDiff compares algorithms on the same training and test examples"
-                )
+    the error names both stores (:func:`lightning_tda.store.check_stores_share_datasets`)."""
+    check_stores_share_datasets(stores, splits, "ModelDiff compares algorithms on the same training and test examples")
 
 
 def _as_store_list(stores: Any, name: str) -> list[RunStore]:
