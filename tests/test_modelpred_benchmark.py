@@ -1,4 +1,5 @@
-"""benchmarks/modelpred.py --quick and benchmarks/modelpred_studies.py --quick run and write their tables."""
+"""benchmarks/modelpred.py, modelpred_studies.py and modelpred_regularisers.py run in their --quick
+modes and write their tables."""
 
 from __future__ import annotations
 
@@ -23,6 +24,20 @@ def test_modelpred_benchmark_quick(tmp_path):
     report = out.read_text()
     for needle in ("time per utility evaluation", "scikit-learn refit", "our batched exact solver", ">= 100x", "machine:"):
         assert needle in report, needle
+
+
+def test_regulariser_sweep_quick_reads_the_tuning_split_and_resumes(tmp_path):
+    bench = load("modelpred_regularisers")
+    out = tmp_path / "sweep.md"
+    bench.main(["--quick", "--datasets", "breast-cancer", "--cache", str(tmp_path / "cache"), "--out", str(out)])
+    report = out.read_text()
+    for needle in ("swept on the tuning split", "split seed 1", "lambda_global (KKT)", "(default)", "without either"):
+        assert needle in report, needle
+    assert bench.TUNING_SEED != 0  # the reported tables use split seed 0
+    cached = sorted(p.name for p in (tmp_path / "cache").glob("*.json"))
+    assert cached == ["breast-cancer_g0_l0.json", "breast-cancer_g1_l1.json"]
+    again = bench.main(["--quick", "--datasets", "breast-cancer", "--cache", str(tmp_path / "cache"), "--report-only"])
+    assert again.split("machine:")[1] == report.split("machine:")[1]  # read back from the cache, nothing refitted
 
 
 def test_modelpred_studies_quick(tmp_path):
