@@ -216,7 +216,7 @@ def test_lds_with_a_sweep_store_checks_it_holds_the_scored_datasets(tmp_path):
     assert got.value == pytest.approx(expected.value, abs=1e-6)
     other = {"train": {"size": 12, "labels_sha256": "d" * 64}, "val": {"size": 5, "labels_sha256": "b" * 64}}
     wrong, _, _ = fake_sweep_store(tmp_path / "wrong", fingerprints=other)
-    with pytest.raises(FingerprintMismatchError, match=rf"{tmp_path / 'out'}.*{tmp_path / 'wrong'}"):
+    with pytest.raises(FingerprintMismatchError, match=rf"{tmp_path / 'wrong'}.* and .*{tmp_path / 'out'}.* were recorded on different datasets"):
         lds(stored, wrong, split="val", n_bootstrap=0)
-    with pytest.raises(FingerprintMismatchError, match=rf"{tmp_path / 'grads'}.*{tmp_path / 'wrong'}"):
+    with pytest.raises(FingerprintMismatchError, match=rf"{tmp_path / 'wrong'}.* and .*{tmp_path / 'grads'} were recorded on different datasets"):
         lds(np.asarray(stored), wrong, split="val", sources=[store], n_bootstrap=0)
