@@ -127,10 +127,14 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--held-out", type=int, default=256)
     parser.add_argument("--cache", type=Path, default=Path("runs/modelpred_regularisers"))
     parser.add_argument("--report-only", action="store_true", help="read the cache, fit nothing")
+    parser.add_argument("--weights", nargs="+", default=None, metavar="GLOBAL,LOCAL", help="only these weight pairs (default: the grid)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help=f"markdown file (full mode: {RESULTS})")
     args = parser.parse_args(argv)
-    args.grid, args.modelpred = GRID, {}
+    args.grid = GRID if args.weights is None else [tuple(float(v) for v in w.split(",")) for w in args.weights]
+    if any(len(w) != 2 for w in args.grid):
+        raise SystemExit("--weights takes pairs GLOBAL,LOCAL, e.g. --weights 1,1 0,0")
+    args.modelpred = {}
     if args.quick:
         args.n_train, args.n_test, args.held_out = 40, 40, 32
         args.grid = [(0.0, 0.0), (1.0, 1.0)]
