@@ -90,7 +90,7 @@ def sweep(args: argparse.Namespace, dataset: str) -> list[dict[str, Any]]:
 
 def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> str:
     lines = ["## ModelPred: the regularisers' weights, swept on the tuning split", "",
-             f"Command: `python benchmarks/modelpred_regularisers.py{' --quick' if args.quick else ''}`; split seed {TUNING_SEED} "
+             f"Command: `python benchmarks/modelpred_regularisers.py{' --quick' if args.quick else ''}{' --pooling ' + args.pooling if args.pooling else ''}`; split seed {TUNING_SEED} "
              "(the reported tables use seed 0); every other setting at its default; seed 0 for the network. "
              f"machine: {machine()}; date: {today()}.", ""]
     for dataset, rows in results.items():
@@ -128,13 +128,14 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--cache", type=Path, default=Path("runs/modelpred_regularisers"))
     parser.add_argument("--report-only", action="store_true", help="read the cache, fit nothing")
     parser.add_argument("--weights", nargs="+", default=None, metavar="GLOBAL,LOCAL", help="only these weight pairs (default: the grid)")
+    parser.add_argument("--pooling", choices=["sum", "sum+mean"], default=None, help="the set network's pooling (default: ModelPred's)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help=f"markdown file (full mode: {RESULTS})")
     args = parser.parse_args(argv)
     args.grid = GRID if args.weights is None else [tuple(float(v) for v in w.split(",")) for w in args.weights]
     if any(len(w) != 2 for w in args.grid):
         raise SystemExit("--weights takes pairs GLOBAL,LOCAL, e.g. --weights 1,1 0,0")
-    args.modelpred = {}
+    args.modelpred = {} if args.pooling is None else {"pooling": args.pooling}
     if args.quick:
         args.n_train, args.n_test, args.held_out = 40, 40, 32
         args.grid = [(0.0, 0.0), (1.0, 1.0)]

@@ -26,9 +26,10 @@ def fitted():
     return ModelPred.fit(x, y, target="logistic", seed=0, progress=False, **TINY), x, y
 
 
-def test_zero_padded_rows_add_nothing_and_masks_equal_padded_sets():
+@pytest.mark.parametrize("pooling", ["sum", "sum+mean"])
+def test_zero_padded_rows_add_nothing_and_masks_equal_padded_sets(pooling):
     torch.manual_seed(0)
-    net = SetNetwork(7, 5, hidden=8, set_features=6, pool_size=10)
+    net = SetNetwork(7, 5, hidden=8, set_features=6, pool_size=10, pooling=pooling)
     assert net.embed(torch.zeros(3, 7)).abs().max() == 0  # bias-free phi: zero in, zero out
     elements = torch.randn(10, 7)
     masks = torch.zeros(2, 10)
@@ -172,3 +173,27 @@ def test_cached_pool_embedding_follows_the_weights(fitted):
         mp.predict_params(masks)
     with pytest.raises(ValueError, match=r"subsets \[2\] are empty"):
         mp.predict_params(torch.as_tensor(masks))
+
+
+def test_sum_and_mean_pooling_gives_rho_the_sum_the_mean_and_the_log_size():
+    torch.manual_seed(0)
+    net = SetNetwork(3, 2, hidden=4, set_features=5, pool_size=8, pooling="sum+mean")
+    embedded = torch.randn(8, 5)
+    mask = torch.tensor([[1.0, 0, 1, 1, 0, 0, 0, 0]])
+    pooled = net.pool(mask, embedded)[0]
+    total = embedded[[0, 2, 3]].sum(0)
+    torch.testing.assert_close(pooled, torch.cat([total / 8**0.5, total / 3, torch.tensor([np.log(3) / np.log(8)], dtype=torch.float32)]))
+    assert net.rho[0].in_features == 11
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        SetNetwork(3, 2, pooling="max")
+
+
+def test_pooling_is_a_setting_that_survives_save_and_load(tmp_path):
+    x, y = blobs()
+    mp = ModelPred.fit(x, y, target="logistic", seed=0, progress=False, **{**TINY, "max_epochs": 1, "pooling": "sum+mean"})
+    assert mp.module.network.pooling == "sum+mean"
+    loaded = ModelPred.load(mp.save(tmp_path / "mp"))
+    masks = random_size_masks(len(y), 5, np.random.default_rng(0), min_size=1)
+    torch.testing.assert_close(loaded.predict_params(masks), mp.predict_params(masks))
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        ModelPred.fit(x, y, progress=False, pooling="max")

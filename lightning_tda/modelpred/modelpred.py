@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tda.modelpred.module import ModelPredModule
+from lightning_tda.modelpred.network import POOLINGS
 from lightning_tda.modelpred.pairs import TrainingPairs, make_pairs, sample_masks
 from lightning_tda.modelpred.targets import TARGETS, Array, Target, as_features, as_labels, data_fingerprint, make_target
 
@@ -48,6 +49,8 @@ class ModelPredSettings:
         num_validation_subsets: held-out subsets (half prefixes, half random) for early stopping.
         min_size: smallest training subset.
         hidden, set_features: set network widths.
+        pooling: "sum" (rho sees the scaled sum of the embeddings) or "sum+mean" (also their mean
+            and the log set size; :class:`~lightning_tda.modelpred.network.SetNetwork`).
         lambda_global, lambda_local: regulariser weights (see :mod:`~lightning_tda.modelpred.module`).
         learning_rate, weight_decay, batch_size, max_epochs, patience: training.
         seed: seeds the subsets and the network initialisation.
@@ -63,6 +66,7 @@ class ModelPredSettings:
     min_size: int = 1
     hidden: int = 128
     set_features: int = 128
+    pooling: str = "sum"
     lambda_global: float = 1.0
     lambda_local: float = 1.0
     learning_rate: float = 3e-3
@@ -75,6 +79,8 @@ class ModelPredSettings:
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {sorted(TARGETS)}, got {self.target!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         positive = ("num_validation_subsets", "hidden", "set_features", "batch_size", "max_epochs", "patience", "min_size")
         for name in positive:
             if int(getattr(self, name)) < 1:
@@ -180,7 +186,7 @@ class ModelPred:
         thetas = pairs.thetas.to(torch.float32)
         module = ModelPredModule(
             target, thetas.mean(0), thetas.std(0) if len(thetas) > 1 else torch.ones(target.num_params),
-            hidden=settings.hidden, set_features=settings.set_features, lambda_global=settings.lambda_global,
+            hidden=settings.hidden, set_features=settings.set_features, pooling=settings.pooling, lambda_global=settings.lambda_global,
             lambda_local=settings.lambda_local, learning_rate=settings.learning_rate, weight_decay=settings.weight_decay,
         )
         generator = torch.Generator().manual_seed(settings.seed)
@@ -296,7 +302,7 @@ class ModelPred:
                 )
         state = {k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")}
         module = ModelPredModule(
-            tgt, state["theta_mean"], state["theta_std"], hidden=settings.hidden, set_features=settings.set_features,
+            tgt, state["theta_mean"], state["theta_std"], hidden=settings.hidden, set_features=settings.set_features, pooling=settings.pooling,
             lambda_global=settings.lambda_global, lambda_local=settings.lambda_local,
             learning_rate=settings.learning_rate, weight_decay=settings.weight_decay,
         )

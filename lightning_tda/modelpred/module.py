@@ -69,6 +69,7 @@ class ModelPredModule(L.LightningModule):
         hidden, set_features: widths of the set network.
         lambda_global, lambda_local: weights of the two regularisers (0 turns one off).
         learning_rate, weight_decay: Adam's.
+        pooling: the set network's pooling, ``"sum"`` or ``"sum+mean"`` (:class:`SetNetwork`).
     """
 
     def __init__(
@@ -82,6 +83,7 @@ class ModelPredModule(L.LightningModule):
         lambda_local: float = 1.0,
         learning_rate: float = 3e-3,
         weight_decay: float = 0.0,
+        pooling: str = "sum",
     ) -> None:
         super().__init__()
         for name, value in (("lambda_global", lambda_global), ("lambda_local", lambda_local), ("weight_decay", weight_decay)):
@@ -95,7 +97,7 @@ class ModelPredModule(L.LightningModule):
         self.register_buffer("elements", torch.cat([target.x.to(torch.float32), onehot], 1))
         self.register_buffer("theta_mean", torch.as_tensor(theta_mean, dtype=torch.float32).reshape(target.num_params))
         self.register_buffer("theta_std", torch.as_tensor(theta_std, dtype=torch.float32).reshape(target.num_params).clamp_min(1e-6))
-        self.network = SetNetwork(self.elements.shape[1], target.num_params, hidden, set_features, pool_size=target.n)
+        self.network = SetNetwork(self.elements.shape[1], target.num_params, hidden, set_features, pool_size=target.n, pooling=pooling)
 
     def forward(self, weights: Tensor) -> Tensor:
         """Predicted parameters ``[m, P]`` of the subsets ``weights [m, n]``."""
