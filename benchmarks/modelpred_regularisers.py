@@ -57,7 +57,7 @@ def load_split(dataset: str, n_train: int, n_test: int, seed: int) -> tuple[np.n
 
 def sweep(args: argparse.Namespace, dataset: str) -> list[dict[str, Any]]:
     num_classes = 10 if dataset == "digits" else 2
-    x, y, xt, yt = load_split(dataset, args.n_train, args.n_test, TUNING_SEED)
+    x, y, xt, yt = load_split(dataset, args.n_train, args.n_test, args.split_seed)
     settings = ModelPredSettings(num_classes=num_classes, **args.modelpred)
     target = make_target("logistic", x, y, num_classes=num_classes)
     pairs = validation = held_out = None
@@ -68,10 +68,10 @@ def sweep(args: argparse.Namespace, dataset: str) -> list[dict[str, Any]]:
             rows.append(json.loads(path.read_text()))
             continue
         if pairs is None:  # solved once per dataset, shared by every weight pair
-            pairs = make_pairs(target, sample_masks(target.n, settings.num_permutations, settings.prefixes_per_permutation, settings.num_random_subsets, TUNING_SEED))
+            pairs = make_pairs(target, sample_masks(target.n, settings.num_permutations, settings.prefixes_per_permutation, settings.num_random_subsets, args.split_seed))
             half = settings.num_validation_subsets // 2
-            validation = make_pairs(target, sample_masks(target.n, max(1, half // 8), 8, settings.num_validation_subsets - 8 * max(1, half // 8), TUNING_SEED + 1_000_003))
-            held_out = make_pairs(target, sample_masks(target.n, args.held_out // 16, 8, args.held_out // 2, TUNING_SEED + 999))
+            validation = make_pairs(target, sample_masks(target.n, max(1, half // 8), 8, settings.num_validation_subsets - 8 * max(1, half // 8), args.split_seed + 1_000_003))
+            held_out = make_pairs(target, sample_masks(target.n, args.held_out // 16, 8, args.held_out // 2, args.split_seed + 999))
         start = time.perf_counter()
         mp = ModelPred.train(target, pairs, validation, dataclasses.replace(settings, lambda_global=lambda_global, lambda_local=lambda_local), progress=False)
         seconds = time.perf_counter() - start
@@ -90,7 +90,7 @@ def sweep(args: argparse.Namespace, dataset: str) -> list[dict[str, Any]]:
 
 def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> str:
     lines = ["## ModelPred: the regularisers' weights, swept on the tuning split", "",
-             f"Command: `python benchmarks/modelpred_regularisers.py{' --quick' if args.quick else ''}{' --pooling ' + args.pooling if args.pooling else ''}`; split seed {TUNING_SEED} "
+             f"Command: `python benchmarks/modelpred_regularisers.py{' --quick' if args.quick else ''}{' --pooling ' + args.pooling if args.pooling else ''}{f' --split-seed {args.split_seed}' if args.split_seed != TUNING_SEED else ''}`; split seed {args.split_seed} "
              "(the reported tables use seed 0); every other setting at its default; seed 0 for the network. "
              f"machine: {machine()}; date: {today()}.", ""]
     for dataset, rows in results.items():
@@ -129,10 +129,13 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--report-only", action="store_true", help="read the cache, fit nothing")
     parser.add_argument("--weights", nargs="+", default=None, metavar="GLOBAL,LOCAL", help="only these weight pairs (default: the grid)")
     parser.add_argument("--pooling", choices=["sum", "sum+mean"], default=None, help="the set network's pooling (default: ModelPred's)")
+    parser.add_argument("--split-seed", type=int, default=TUNING_SEED, help="the tuning split (never 0, the reported tables' seed)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help=f"markdown file (full mode: {RESULTS})")
     args = parser.parse_args(argv)
     args.grid = GRID if args.weights is None else [tuple(float(v) for v in w.split(",")) for w in args.weights]
+    if args.split_seed == 0:
+        raise SystemExit("--split-seed 0 is the reported tables' split: tune on another")
     if any(len(w) != 2 for w in args.grid):
         raise SystemExit("--weights takes pairs GLOBAL,LOCAL, e.g. --weights 1,1 0,0")
     args.modelpred = {} if args.pooling is None else {"pooling": args.pooling}
