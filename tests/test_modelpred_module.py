@@ -197,3 +197,18 @@ def test_pooling_is_a_setting_that_survives_save_and_load(tmp_path):
     torch.testing.assert_close(loaded.predict_params(masks), mp.predict_params(masks))
     with pytest.raises(ValueError, match="pooling must be one of"):
         ModelPred.fit(x, y, progress=False, pooling="max")
+
+
+def test_a_predictor_saved_before_pooling_was_a_setting_loads_as_sum(tmp_path):
+    import json
+
+    x, y = blobs()
+    mp = ModelPred.fit(x, y, target="logistic", seed=0, progress=False, **{**TINY, "max_epochs": 1, "pooling": "sum"})
+    path = mp.save(tmp_path / "old")
+    meta = json.loads((path / "modelpred.json").read_text())
+    del meta["settings"]["pooling"]  # as written before the setting existed
+    (path / "modelpred.json").write_text(json.dumps(meta))
+    loaded = ModelPred.load(path)
+    assert loaded.module.network.pooling == "sum"
+    masks = random_size_masks(len(y), 4, np.random.default_rng(1), min_size=1)
+    torch.testing.assert_close(loaded.predict_params(masks), mp.predict_params(masks))

@@ -30,7 +30,7 @@ def digits_split(n_train: int, n_test: int, seed: int = 0) -> tuple[np.ndarray, 
 
 FAST_SETTINGS: dict[str, Any] = {
     "num_permutations": 8, "prefixes_per_permutation": 16, "num_random_subsets": 256,
-    "num_validation_subsets": 64, "max_epochs": 40, "patience": 8,
+    "num_validation_subsets": 64, "max_epochs": 40, "patience": 8, "pooling": "sum",
 }
 
 

@@ -83,7 +83,7 @@ class ModelPredModule(L.LightningModule):
         lambda_local: float = 1.0,
         learning_rate: float = 3e-3,
         weight_decay: float = 0.0,
-        pooling: str = "sum",
+        pooling: str = "sum+mean",
     ) -> None:
         super().__init__()
         for name, value in (("lambda_global", lambda_global), ("lambda_local", lambda_local), ("weight_decay", weight_decay)):
