@@ -25,7 +25,8 @@ Sections (each cached as JSON under ``--cache``, so a killed run resumes by sect
 Datasets: scikit-learn's digits (pixels / 16, seeded split: 300 train, 300 test) and
 breast-cancer (standardised, seeded split: 300 train, 200 test); target: logistic regression
 (C = 1). Settings are the defaults (ModelPred's were chosen on other data: a synthetic problem
-and another digits split, never on these figures).
+and another digits split, and its pooling on the tuning splits 1 and 2 of
+``benchmarks/modelpred_regularisers.py``; never on these figures).
 """
 
 from __future__ import annotations
