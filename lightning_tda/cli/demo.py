@@ -65,7 +65,7 @@ MODELPRED_DEMO_FIT = {
     "num_permutations": 32, "prefixes_per_permutation": 16, "num_random_subsets": 512, "num_validation_subsets": 128,
     "max_epochs": 150, "patience": 15, "pooling": "sum",
 }
-"""The full demo's ModelPred fit: about 50 s on 2 cores at 150 digits; its Shapley values find 9-11 of the
+"""The full demo's ModelPred fit: about 50 s on 2 cores at 150 digits; its Shapley values find 8-10 of the
 15 flipped labels (seeds 0, 1), where ``--fast``'s smaller fit (8 s) finds 2-4."""
 
 ALGORITHMS = {"A": {"augment": False, "description": "no augmentation"}, "B": {"augment": True, "description": "random 1-pixel shifts"}}
