@@ -972,13 +972,14 @@ def check_stores_share_datasets(stores: Sequence[RunStore], splits: Sequence[str
         raise ValueError("no stores given: pass at least one RunStore")
     found: dict[str, dict[str, Any]] = {}
     for split in splits:
-        for store in stores:
-            if fingerprint_of(store, split) is None:
+        recorded = [(store, fingerprint_of(store, split)) for store in stores]
+        for store, fp in recorded:
+            if fp is None:
                 raise StoreError(
                     f"the RunStore at {store.path} has no {split!r} dataset recorded (it has "
                     f"{sorted(store.manifest[schema.FINGERPRINTS])}); record that split or pass the split names it has"
                 )
-        fp = check_same_dataset([(f"the RunStore at {s.path}", fingerprint_of(s, split)) for s in stores], f"{split!r} split", why)
-        assert fp is not None
-        found[split] = fp
+        fingerprint = check_same_dataset([(f"the RunStore at {s.path}", fp) for s, fp in recorded], f"{split!r} split", why)
+        assert fingerprint is not None  # every store has one, checked above
+        found[split] = fingerprint
     return found

@@ -69,13 +69,12 @@ class _LabelsOnly(Dataset):
 
 def _check_fingerprints(stores: Sequence[RunStore], split: str, labels: Tensor) -> None:
     recorded = check_stores_share_datasets(stores, [split], "compare runs recorded on the same dataset split")[split]
-    first = (stores[0], recorded)
     given = dataset_fingerprint(_LabelsOnly(labels))
-    if given != dict(first[1]):
+    if given != recorded:
         raise FingerprintMismatchError(
             f"the labels given ({given[schema.FINGERPRINT_SIZE]} examples, hash {given[schema.FINGERPRINT_LABELS][:12]}...) are not "
-            f"those of split {split!r} recorded in {first[0].path} ({first[1].get(schema.FINGERPRINT_SIZE)} examples, hash "
-            f"{str(first[1].get(schema.FINGERPRINT_LABELS))[:12]}...); pass that split's labels in recording order"
+            f"those of split {split!r} recorded in {stores[0].path} ({recorded.get(schema.FINGERPRINT_SIZE)} examples, hash "
+            f"{str(recorded.get(schema.FINGERPRINT_LABELS))[:12]}...); pass that split's labels in recording order"
         )
 
 

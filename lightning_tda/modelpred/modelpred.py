@@ -219,11 +219,6 @@ class ModelPred:
 
     def check_masks(self, masks: Any) -> Tensor:
         """Masks ``[m, n]`` (bool or non-negative weights) as float32, refusing empty subsets."""
-        if isinstance(masks, (Tensor, np.ndarray)) and masks.dtype in (torch.bool, np.bool_) and masks.ndim == 2 and masks.shape[1] == self.target.n:
-            w = torch.as_tensor(masks).detach().cpu()  # bool: nothing negative or non-finite to refuse
-            if not w.any(1).all():
-                self.target.check_weights(w)  # raises the target's own message for the empty subsets
-            return w.to(torch.float32)
         return self.target.check_weights(masks).to(torch.float32)
 
     def embedded_pool(self) -> Tensor:

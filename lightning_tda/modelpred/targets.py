@@ -158,17 +158,18 @@ class Target(ABC):
             w = w[None]
         if w.ndim != 2 or w.shape[1] != self.n:
             raise ValueError(f"masks must be [subsets, {self.n}] (one column per training example), got shape {tuple(w.shape)}")
-        w = w.to(torch.float64)
-        if (w < 0).any() or not torch.isfinite(w).all():
-            raise ValueError("masks/weights must be finite and non-negative")
+        if w.dtype != torch.bool:  # a bool mask has nothing negative or non-finite to refuse
+            w = w.to(torch.float64)
+            if (w < 0).any() or not torch.isfinite(w).all():
+                raise ValueError("masks/weights must be finite and non-negative")
         if not allow_empty:
-            empty = (w.sum(1) == 0).nonzero().flatten()
+            empty = (~w.to(torch.bool).any(1)).nonzero().flatten()
             if empty.numel():
                 raise ValueError(
                     f"subsets {empty[:5].tolist()} are empty; a model is trained on at least one example "
                     "(the empty set's exact solution is theta = 0)"
                 )
-        return w
+        return w.to(torch.float64)
 
     # ------------------------------------------------------------------ model
     def _rows(self, theta: Tensor) -> Tensor:
