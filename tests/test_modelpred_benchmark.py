@@ -46,7 +46,8 @@ def test_modelpred_studies_quick(tmp_path):
     report = out.read_text()
     for needle in ("Accuracy of the prediction: breast-cancer", "without global (KKT)", "Shapley values against Shapley by retraining",
                    "Deletion", "Addition", "Cleaning: breast-cancer", "KNN-Shapley", "Data-OOB", "influence function",
-                   "KNN-Shapley, tuned best", "TMC Shapley, tuned best", "influence function, tuned best", "split seed 1, flip seed 1"):
+                   "KNN-Shapley, tuned best", "TMC Shapley, tuned best", "influence function, tuned best", "split seed 1, flip seed 1",
+                   "ModelPred Shapley at TMC's budget (3 permutations)", "shown apart", "ModelPred Shapley used 20 permutations"):
         assert needle in report, needle
 
 

@@ -220,6 +220,20 @@ def test_flip_labels_and_cleaning():
         cleaning_study(x, y, xt, yt, methods=("oracle",))
 
 
+def test_cleaning_modelpred_shapley_at_tmc_budget_shares_the_fit():
+    x, y = blobs(40, 3, 2, spread=0.5)
+    xt, yt = blobs(30, 3, 2, seed=5, spread=0.5)
+    result = cleaning_study(x, y, xt, yt, methods=("modelpred_shapley", "modelpred_shapley_tmc_budget"), shapley_permutations=12,
+                            tmc_permutations=4, modelpred_settings=TINY)
+    assert result.methods == ("ModelPred Shapley", "ModelPred Shapley at TMC's budget (4 permutations)")
+    fit = result.settings["modelpred_fit_seconds"]
+    assert (result.seconds >= fit).all()  # one fit, counted in both rows
+    same = cleaning_study(x, y, xt, yt, methods=("modelpred_shapley", "modelpred_shapley_tmc_budget"), shapley_permutations=4,
+                          tmc_permutations=4, modelpred_settings=TINY)
+    np.testing.assert_allclose(same.values[0], same.values[1])  # the same estimator, at TMC's permutation count
+    assert not np.allclose(result.values[0], result.values[1])
+
+
 def test_results_save_and_load(fitted, tmp_path):
     mp, x, y, xt, yt = fitted
     values = modelpred_leave_one_out(mp, xt, yt)

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-ALL_METHODS = ("modelpred_shapley", "modelpred_leave_one_out", "leave_one_out", "tmc_shapley", "knn_shapley", "data_oob", "data_oob_target", "influence")
+ALL_METHODS = ("modelpred_shapley", "modelpred_shapley_tmc_budget", "modelpred_leave_one_out", "leave_one_out", "tmc_shapley", "knn_shapley", "data_oob", "data_oob_target", "influence")
 
 
 def flip_labels(y: Any, fraction: float, num_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -56,7 +56,8 @@ class CleaningResult(AnalysisResult):
         values: ``[M, n]`` values (low: likely mislabelled).
         flipped: ``[n]`` which labels were flipped.
         found: ``[M]`` flipped examples among the ``flipped.sum()`` lowest values.
-        seconds: ``[M]`` wall time of each method (ModelPred's includes fitting it).
+        seconds: ``[M]`` wall time of each method (ModelPred's includes fitting it, once:
+            ``settings["modelpred_fit_seconds"]``).
     """
 
     methods: tuple[str, ...]
@@ -126,8 +127,10 @@ def cleaning_study(
     """Flip ``flip_fraction`` of the labels of ``(x, y)``, value the noisy set with each of
     ``methods`` (any of :data:`ALL_METHODS`) and count the flipped labels the lowest values find.
 
-    ModelPred is fitted on the noisy set (its time includes the fit); leave-one-out and TMC
-    Shapley retrain with scikit-learn; Data-OOB bags decision trees (``data_oob``) or the target
+    ModelPred is fitted on the noisy set once (each ModelPred method's time includes the fit);
+    ``modelpred_shapley`` uses ``shapley_permutations``, ``modelpred_shapley_tmc_budget`` TMC's
+    ``tmc_permutations`` (the two Shapley estimates at the same Monte-Carlo budget, so their
+    precision and time compare directly); leave-one-out and TMC Shapley retrain with scikit-learn; Data-OOB bags decision trees (``data_oob``) or the target
     (``data_oob_target``); the influence function uses the exact Hessian.
     """
     from lightning_tda.modelpred.baselines import data_oob, influence_values, knn_shapley, tmc_shapley
@@ -156,6 +159,9 @@ def cleaning_study(
                 extra = fit_seconds
             if method == "modelpred_shapley":
                 result = modelpred_shapley(modelpred, utility.x, utility.y, shapley_permutations, seed, progress)
+            elif method == "modelpred_shapley_tmc_budget":
+                result = modelpred_shapley(modelpred, utility.x, utility.y, tmc_permutations, seed, progress)
+                result = dataclasses.replace(result, method=f"ModelPred Shapley at TMC's budget ({tmc_permutations} permutations)")
             else:
                 result = modelpred_leave_one_out(modelpred, utility.x, utility.y)
         elif method == "leave_one_out":
