@@ -70,3 +70,27 @@ def test_studies_merge_cleaning_parts_with_the_same_flips(tmp_path):
                                                                    "seconds": [1.0], "values": [[0, 1, 2, 3]], "tmc_permutations": 7}))
     with pytest.raises(SystemExit, match="flipped different labels"):
         studies.merged_cleaning(tmp_path, "digits")
+
+
+def test_shapley_budget_quick_matches_budgets_and_reads_back(tmp_path):
+    bench = load("modelpred_shapley_budget")
+    out, fig = tmp_path / "budget.md", tmp_path / "budget.png"
+    common = ["--quick", "--cache", str(tmp_path / "cache"), "--figure", str(fig)]
+    report = bench.main(common + ["--out", str(out)])
+    for needle in ("TMC Shapley (retraining)", "ModelPred Shapley", "speed-up after the fit", "speed-up counting the fit", "split, flip and permutation seed 0"):
+        assert needle in report, needle
+    assert fig.exists() and out.exists()
+    assert sorted(p.name for p in (tmp_path / "cache" / "breast-cancer").glob("*.json")) == ["fit.json", "modelpred.json", "tmc.json"]
+    again = bench.main(common + ["--report-only"])
+    assert again.split("machine:")[1] == report.split("machine:")[1]  # read back, nothing recomputed
+
+
+def test_shapley_budget_match_takes_the_cheapest_budget_good_on_both_figures():
+    bench = load("modelpred_shapley_budget")
+    r = {"fit_seconds": 10.0,
+         "tmc": [{"budget": 5, "precision": 0.5, "auc": 0.8, "seconds": 100.0}, {"budget": 9, "precision": 0.9, "auc": 0.95, "seconds": 200.0}],
+         "modelpred": [{"budget": 1, "precision": 0.6, "auc": 0.7, "seconds": 0.1}, {"budget": 2, "precision": 0.5, "auc": 0.85, "seconds": 0.5},
+                       {"budget": 3, "precision": 0.7, "auc": 0.9, "seconds": 2.0}]}
+    first, second = bench.matches(r)
+    assert first["modelpred"]["budget"] == 2 and first["after_fit"] == 200.0 and abs(first["with_fit"] - 100 / 10.5) < 1e-12
+    assert second["modelpred"] is None and second["after_fit"] is None  # none on the grid is as good

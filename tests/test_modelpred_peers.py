@@ -11,7 +11,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.tree import DecisionTreeClassifier
 
 from lightning_tda.modelpred import HeldOutUtility, LogisticTarget, exact_shapley, exact_utility
-from lightning_tda.modelpred.baselines import data_oob, knn_shapley, knn_utility, tmc_shapley
+from lightning_tda.modelpred.baselines import data_oob, knn_shapley, knn_utility, tmc_shapley, tmc_shapley_budgets
 
 
 def data(n, d=2, k=2, seed=0):
@@ -41,6 +41,25 @@ def test_tmc_shapley_converges_to_exact_and_truncation_saves_retraining():
     assert plain.settings["retrainings"] == 120 * 4  # the full set's utility is known
     truncated = tmc_shapley(fn, 5, utility.empty(), full, num_permutations=50, truncation_tolerance=0.5, seed=0)
     assert truncated.settings["retrainings"] < 50 * 4
+
+
+def test_tmc_shapley_budgets_equal_separate_runs_with_the_same_seed():
+    x, y = data(6, seed=2)
+    xt, yt = data(20, seed=3)
+    target = LogisticTarget(x, y)
+    utility = HeldOutUtility(target, xt, yt)
+    fn = exact_utility(target, utility, tol=1e-9)
+    full = float(fn(torch.ones(1, 6, dtype=torch.bool))[0])
+    runs = tmc_shapley_budgets(fn, 6, utility.empty(), full, [7, 3, 12], truncation_tolerance=0.05, seed=4)
+    assert [r.settings["num_permutations"] for r in runs] == [7, 3, 12]  # in the order asked
+    for r in runs:
+        alone = tmc_shapley(fn, 6, utility.empty(), full, num_permutations=r.settings["num_permutations"], truncation_tolerance=0.05, seed=4)
+        np.testing.assert_allclose(r.values, alone.values, atol=1e-12)
+        np.testing.assert_allclose(r.standard_errors, alone.standard_errors, atol=1e-12)
+        assert r.settings["retrainings"] == alone.settings["retrainings"]
+    assert runs[1].seconds <= runs[0].seconds <= runs[2].seconds  # time spent until each budget
+    with pytest.raises(ValueError, match="budget"):
+        tmc_shapley_budgets(fn, 6, utility.empty(), full, [0, 5])
 
 
 def test_data_oob_trees_equal_a_loop_on_the_same_bootstrap_samples():

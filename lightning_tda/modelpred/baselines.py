@@ -4,6 +4,7 @@ import with numpy 2; OpenDataVal pins torch 2.1). Each is checked on a small exa
 ``tests/test_modelpred_peers.py``.
 
 - :func:`tmc_shapley`: truncated Monte-Carlo Shapley by retraining (Ghorbani & Zou, 2019);
+  :func:`tmc_shapley_budgets` gives it at several permutation counts from one run;
 - :func:`knn_shapley`: exact Shapley values of the K-nearest-neighbour utility (Jia et al., 2019);
 - :func:`data_oob`: out-of-bag accuracy of a bagged learner (Kwon & Zou, 2023);
 - :func:`influence_values`: the influence function's first-order leave-one-out values (Koh &
@@ -40,15 +41,35 @@ def tmc_shapley(
     previous prefix's utility is within ``truncation_tolerance * |U(D)|`` of :math:`U(D)`; the
     rest of that ordering's marginal contributions count as zero (Ghorbani & Zou's rule).
     ``truncation_tolerance=0`` retrains every prefix (plain permutation sampling)."""
-    if n < 1 or num_permutations < 1:
-        raise ValueError("n and num_permutations must be >= 1")
+    return tmc_shapley_budgets(utility_of_masks, n, empty_utility, full_utility, [num_permutations], truncation_tolerance, seed, progress, method)[0]
+
+
+def tmc_shapley_budgets(
+    utility_of_masks: UtilityOfMasks,
+    n: int,
+    empty_utility: float,
+    full_utility: float,
+    budgets: list[int],
+    truncation_tolerance: float = 0.01,
+    seed: int = 0,
+    progress: bool = False,
+    method: str = "TMC Shapley (retraining)",
+) -> list[ValuationResult]:
+    """:func:`tmc_shapley` at several permutation counts from one run of ``max(budgets)``
+    orderings: the result for budget ``b`` is the estimate after the first ``b`` orderings, with
+    the wall time spent until then (each equal to :func:`tmc_shapley` with ``b`` permutations
+    and the same seed). For convergence and cost curves without rerunning the retraining."""
+    wanted = sorted({int(b) for b in budgets})
+    if n < 1 or not wanted or wanted[0] < 1:
+        raise ValueError(f"n and every budget must be >= 1, got n={n}, budgets={list(budgets)}")
     if truncation_tolerance < 0:
         raise ValueError(f"truncation_tolerance must be >= 0, got {truncation_tolerance}")
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
-    contributions = np.zeros((num_permutations, n))
+    contributions = np.zeros((wanted[-1], n))
     fits = 0
-    for t in tqdm(range(num_permutations), desc=method, disable=not progress, leave=False):
+    results: dict[int, ValuationResult] = {}
+    for t in tqdm(range(wanted[-1]), desc=method, disable=not progress, leave=False):
         order = rng.permutation(n)
         previous = empty_utility
         mask = np.zeros(n, dtype=bool)
@@ -60,9 +81,12 @@ def tmc_shapley(
             fits += position < n - 1
             contributions[t, i] = current - previous
             previous = current
-    errors = contributions.std(0, ddof=1) / math.sqrt(num_permutations) if num_permutations > 1 else np.full(n, np.nan)
-    settings = {"num_permutations": num_permutations, "truncation_tolerance": truncation_tolerance, "seed": seed, "retrainings": fits}
-    return ValuationResult(contributions.mean(0), errors, method, time.perf_counter() - start, settings)
+        if t + 1 in wanted:
+            done = contributions[: t + 1]
+            errors = done.std(0, ddof=1) / math.sqrt(t + 1) if t > 0 else np.full(n, np.nan)
+            settings = {"num_permutations": t + 1, "truncation_tolerance": truncation_tolerance, "seed": seed, "retrainings": fits}
+            results[t + 1] = ValuationResult(done.mean(0), errors, method, time.perf_counter() - start, settings)
+    return [results[int(b)] for b in budgets]
 
 
 def knn_utility(x_train: Any, y_train: Any, x_test: Any, y_test: Any, masks: Any, k: int = 5) -> torch.Tensor:
@@ -186,4 +210,4 @@ def influence_values(target: Target, x_test: Any, y_test: Any, theta: torch.Tens
     return ValuationResult(values.numpy(), np.full(target.n, np.nan), method, time.perf_counter() - start, {"damping": damping})
 
 
-__all__ = ["tmc_shapley", "knn_utility", "knn_shapley", "data_oob", "influence_values"]
+__all__ = ["tmc_shapley", "tmc_shapley_budgets", "knn_utility", "knn_shapley", "data_oob", "influence_values"]
