@@ -17,9 +17,13 @@ For each budget: precision at the flip rate (the cleaning table's figure) and th
 values for telling flipped from clean labels (every rank counts, so it moves less from one flip
 to the next), and the wall time. TMC's budgets come from one run of the largest (each budget's
 estimate is the first ``b`` orderings', with the time spent until then; equal to a separate run,
-tested); ModelPred's are separate calls on one fit. Then, for each TMC budget, the cheapest
-ModelPred budget on the grid that at least matches TMC's precision *and* AUC, and the time ratio
-after the one-time fit and counting it.
+tested); ModelPred's are separate calls on one fit. ModelPred runs two estimators, both decided
+before any figure was seen: plain permutation sampling (``modelpred_shapley``'s default) and the
+TMC estimator itself, TMC's truncation rule at TMC's default tolerance 0.01 applied to the
+predicted utilities (no tolerance was tried on this problem). The second compares the utilities
+alone: same estimator, predicted against retrained models. Then, for each TMC budget, the
+cheapest budget of each ModelPred estimator on the grid that at least matches TMC's precision
+*and* AUC, and the time ratio after the one-time fit and counting it.
 
 Wall times need the machine to itself; everything runs on one thread. The fit and each result
 are cached under ``--cache``: a rerun reads them back.
@@ -55,6 +59,8 @@ FIGURE = _HERE / "results" / "modelpred_shapley_budget.png"
 SEED = 0  # the cleaning table's split, flip and permutation seed
 TMC_BUDGETS = [10, 20, 50, 100, 200]
 MODELPRED_BUDGETS = [10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
+TOLERANCE = 0.01  # TMC's default truncation tolerance (peer_settings.DEFAULTS), for both TMCs
+VARIANTS = {"modelpred": ("ModelPred Shapley", 0.0), "modelpred_tmc": (f"ModelPred TMC Shapley (tolerance {TOLERANCE:g})", TOLERANCE)}
 
 
 def studies_module() -> Any:
@@ -101,33 +107,43 @@ def run_dataset(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
         path.write_text(json.dumps(rows, indent=1))
         return rows
 
-    def modelpred_rows() -> list[dict[str, Any]]:
+    def modelpred_rows(label: str, tolerance: float) -> list[dict[str, Any]]:
         rows = []
         for b in args.modelpred_budgets:
-            r = modelpred_shapley(mp, utility.x, utility.y, b, SEED)
+            r = modelpred_shapley(mp, utility.x, utility.y, b, SEED, truncation_tolerance=tolerance)
             rows.append(scored(r.values, flipped, b, r.seconds))
-            print(f"[{dataset}] ModelPred Shapley, {b} permutations: {r.seconds:.2f} s", file=sys.stderr, flush=True)
+            print(f"[{dataset}] {label}, {b} permutations: {r.seconds:.2f} s", file=sys.stderr, flush=True)
         return rows
 
     def tmc_rows() -> list[dict[str, Any]]:
         full = float(exact_utility(target, utility)(np.ones((1, target.n), dtype=bool))[0])
-        runs = tmc_shapley_budgets(sklearn_utility(target, utility), target.n, utility.empty(), full, args.tmc_budgets, 0.01, SEED, progress=False)
+        runs = tmc_shapley_budgets(sklearn_utility(target, utility), target.n, utility.empty(), full, args.tmc_budgets, TOLERANCE, SEED, progress=False)
         print(f"[{dataset}] TMC Shapley, {max(args.tmc_budgets)} permutations: {runs[-1].seconds:.1f} s", file=sys.stderr, flush=True)
         return [scored(r.values, flipped, b, r.seconds) for b, r in zip(args.tmc_budgets, runs)]
 
+    variants = {label: cached(key, lambda label=label, tolerance=tolerance: modelpred_rows(label, tolerance)) for key, (label, tolerance) in VARIANTS.items()}
     return {"dataset": dataset, "n": int(target.n), "num_flipped": int(flipped.sum()), "fit_seconds": fit_seconds,
-            "modelpred": cached("modelpred", modelpred_rows), "tmc": cached("tmc", tmc_rows)}
+            "variants": variants, "tmc": cached("tmc", tmc_rows)}
 
 
-def matches(r: dict[str, Any]) -> list[dict[str, Any]]:
-    """For each TMC budget, the cheapest ModelPred budget at least as good on both figures."""
+def matches(r: dict[str, Any], variant: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each TMC budget, the cheapest budget of one ModelPred estimator at least as good on both figures."""
     out = []
     for t in r["tmc"]:
-        good = [m for m in r["modelpred"] if m["precision"] >= t["precision"] and m["auc"] >= t["auc"]]
+        good = [m for m in variant if m["precision"] >= t["precision"] and m["auc"] >= t["auc"]]
         best = min(good, key=lambda m: m["seconds"]) if good else None
         out.append({"tmc": t, "modelpred": best, "after_fit": t["seconds"] / best["seconds"] if best else None,
                     "with_fit": t["seconds"] / (r["fit_seconds"] + best["seconds"]) if best else None})
     return out
+
+
+def match_row(label: str, m: dict[str, Any]) -> list[Any]:
+    t, b = m["tmc"], m["modelpred"]
+    if b is None:
+        return [label, t["budget"], f"{t['precision']:.3f} / {t['auc']:.3f}", f"{t['seconds']:.1f} s", "none on the grid", "-", "-", "-", "-"]
+    with_fit = f"{m['with_fit']:.2f}x" if m["with_fit"] < 10 else f"{m['with_fit']:.0f}x"
+    return [label, t["budget"], f"{t['precision']:.3f} / {t['auc']:.3f}", f"{t['seconds']:.1f} s", b["budget"], f"{b['precision']:.3f} / {b['auc']:.3f}",
+            f"{b['seconds']:.2f} s", f"{m['after_fit']:.0f}x", with_fit]
 
 
 def figure(results: list[dict[str, Any]], path: Path) -> None:
@@ -139,14 +155,15 @@ def figure(results: list[dict[str, Any]], path: Path) -> None:
         fit = r["fit_seconds"]
         for row, (key, label) in enumerate((("precision", "precision at the flip rate"), ("auc", "ROC AUC, flipped against clean"))):
             ax = axes[row, col]
-            tmc, mp = r["tmc"], r["modelpred"]
+            tmc = r["tmc"]
             ax.plot([t["seconds"] for t in tmc], [t[key] for t in tmc], "o-", color="C3", label="TMC Shapley (retraining)")
-            ax.plot([m["seconds"] for m in mp], [m[key] for m in mp], "s-", color="C0", label="ModelPred Shapley, after its fit")
-            ax.plot([fit + m["seconds"] for m in mp], [m[key] for m in mp], "s--", color="C0", alpha=0.45, label=f"ModelPred Shapley, counting the fit ({fit:.0f} s)")
+            for (label, mp), color, marker in zip(r["variants"].items(), ("C0", "C2"), ("s", "^")):
+                ax.plot([m["seconds"] for m in mp], [m[key] for m in mp], marker + "-", color=color, label=f"{label}, after the fit")
+                ax.plot([fit + m["seconds"] for m in mp], [m[key] for m in mp], marker + "--", color=color, alpha=0.4, label=f"{label}, counting the fit ({fit:.0f} s)")
+                for m in mp:
+                    ax.annotate(str(m["budget"]), (m["seconds"], m[key]), textcoords="offset points", xytext=(3, 4), fontsize=6, color=color)
             for t in tmc:
                 ax.annotate(str(t["budget"]), (t["seconds"], t[key]), textcoords="offset points", xytext=(3, -10), fontsize=7, color="C3")
-            for m in mp:
-                ax.annotate(str(m["budget"]), (m["seconds"], m[key]), textcoords="offset points", xytext=(3, 4), fontsize=7, color="C0")
             ax.set_xscale("log")
             ax.set_xlabel("wall time (s, log scale; numbers: permutations)")
             ax.set_ylabel(label)
@@ -163,23 +180,17 @@ def figure(results: list[dict[str, Any]], path: Path) -> None:
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = ["## ModelPred Shapley against TMC Shapley, budget by budget", "",
              f"Command: `python benchmarks/modelpred_shapley_budget.py{' --quick' if args.quick else ''}`; split, flip and permutation seed {SEED} "
-             f"(the cleaning table's problem); TMC truncation tolerance 0.01 (its default); one thread; machine: {machine()}; date: {today()}.", ""]
+             f"(the cleaning table's problem); truncation tolerance {TOLERANCE:g} (TMC's default) for both TMC estimators; one thread; machine: {machine()}; date: {today()}.", ""]
     for r in results:
         lines += [f"### {r['dataset']} (n = {r['n']}, {r['num_flipped']} labels flipped; ModelPred's one fit: {r['fit_seconds']:.1f} s)", ""]
         rows = [["TMC Shapley (retraining)", t["budget"], f"{t['precision']:.3f}", f"{t['auc']:.3f}", f"{t['seconds']:.2f} s", "-"] for t in r["tmc"]]
-        rows += [["ModelPred Shapley", m["budget"], f"{m['precision']:.3f}", f"{m['auc']:.3f}", f"{m['seconds']:.2f} s", f"{r['fit_seconds'] + m['seconds']:.1f} s"]
-                 for m in r["modelpred"]]
+        rows += [[label, m["budget"], f"{m['precision']:.3f}", f"{m['auc']:.3f}", f"{m['seconds']:.2f} s", f"{r['fit_seconds'] + m['seconds']:.1f} s"]
+                 for label, variant in r["variants"].items() for m in variant]
         lines += [markdown_table(["method", "permutations", "precision at the flip rate", "ROC AUC", "time (after the fit)", "time counting the fit"], rows), ""]
-        rows = []
-        for m in matches(r):
-            t, b = m["tmc"], m["modelpred"]
-            rows.append([t["budget"], f"{t['precision']:.3f} / {t['auc']:.3f}", f"{t['seconds']:.1f} s",
-                         b["budget"] if b else "none on the grid", f"{b['precision']:.3f} / {b['auc']:.3f}" if b else "-",
-                         f"{b['seconds']:.2f} s" if b else "-", f"{m['after_fit']:.0f}x" if b else "-",
-                         (f"{m['with_fit']:.2f}x" if m["with_fit"] < 10 else f"{m['with_fit']:.0f}x") if b else "-"])
+        rows = [match_row(label, m) for label, variant in r["variants"].items() for m in matches(r, variant)]
         lines += ["The cheapest ModelPred budget that matches each TMC budget on both figures (TMC time / ModelPred time; "
                   "above 1x ModelPred is faster):", "",
-                  markdown_table(["TMC permutations", "TMC precision / AUC", "TMC time", "ModelPred permutations", "ModelPred precision / AUC",
+                  markdown_table(["ModelPred estimator", "TMC permutations", "TMC precision / AUC", "TMC time", "ModelPred permutations", "ModelPred precision / AUC",
                                   "ModelPred time", "speed-up after the fit", "speed-up counting the fit"], rows), ""]
     if results:
         lines += [f"![ModelPred Shapley against TMC Shapley, budget by budget]({'results/' + args.figure.name})", ""]
@@ -215,7 +226,7 @@ def main(argv: list[str] | None = None) -> str:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     results = []
     for dataset in args.datasets:
-        if args.report_only and not all((args.cache / dataset / f).exists() for f in ("fit.json", "tmc.json", "modelpred.json")):
+        if args.report_only and not all((args.cache / dataset / f).exists() for f in ("fit.json", "tmc.json", *(f"{key}.json" for key in VARIANTS))):
             continue
         results.append(run_dataset(args, dataset))
     if results:

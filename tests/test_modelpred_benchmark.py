@@ -77,10 +77,11 @@ def test_shapley_budget_quick_matches_budgets_and_reads_back(tmp_path):
     out, fig = tmp_path / "budget.md", tmp_path / "budget.png"
     common = ["--quick", "--cache", str(tmp_path / "cache"), "--figure", str(fig)]
     report = bench.main(common + ["--out", str(out)])
-    for needle in ("TMC Shapley (retraining)", "ModelPred Shapley", "speed-up after the fit", "speed-up counting the fit", "split, flip and permutation seed 0"):
+    for needle in ("TMC Shapley (retraining)", "ModelPred Shapley", "speed-up after the fit", "speed-up counting the fit", "split, flip and permutation seed 0",
+                   "ModelPred TMC Shapley (tolerance 0.01)"):
         assert needle in report, needle
     assert fig.exists() and out.exists()
-    assert sorted(p.name for p in (tmp_path / "cache" / "breast-cancer").glob("*.json")) == ["fit.json", "modelpred.json", "tmc.json"]
+    assert sorted(p.name for p in (tmp_path / "cache" / "breast-cancer").glob("*.json")) == ["fit.json", "modelpred.json", "modelpred_tmc.json", "tmc.json"]
     again = bench.main(common + ["--report-only"])
     assert again.split("machine:")[1] == report.split("machine:")[1]  # read back, nothing recomputed
 
@@ -91,6 +92,6 @@ def test_shapley_budget_match_takes_the_cheapest_budget_good_on_both_figures():
          "tmc": [{"budget": 5, "precision": 0.5, "auc": 0.8, "seconds": 100.0}, {"budget": 9, "precision": 0.9, "auc": 0.95, "seconds": 200.0}],
          "modelpred": [{"budget": 1, "precision": 0.6, "auc": 0.7, "seconds": 0.1}, {"budget": 2, "precision": 0.5, "auc": 0.85, "seconds": 0.5},
                        {"budget": 3, "precision": 0.7, "auc": 0.9, "seconds": 2.0}]}
-    first, second = bench.matches(r)
+    first, second = bench.matches(r, r["modelpred"])
     assert first["modelpred"]["budget"] == 2 and first["after_fit"] == 200.0 and abs(first["with_fit"] - 100 / 10.5) < 1e-12
     assert second["modelpred"] is None and second["after_fit"] is None  # none on the grid is as good

@@ -103,3 +103,23 @@ def test_peer_argument_errors():
         data_oob(x, y, num_models=3, learner="target")
     with pytest.raises(ValueError, match="x_train has 2 features but x_test has 3"):
         knn_shapley(x, y, np.zeros((2, 3)), [0, 1])
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 0.05, 0.3])
+def test_batched_permutation_shapley_with_truncation_equals_the_tmc_loop(tolerance):
+    from lightning_tda.modelpred.valuation import permutation_shapley
+
+    x, y = data(7, seed=5)
+    xt, yt = data(25, seed=6)
+    target = LogisticTarget(x, y)
+    utility = HeldOutUtility(target, xt, yt)
+    fn = exact_utility(target, utility, tol=1e-10)
+    full = float(fn(torch.ones(1, 7, dtype=torch.bool))[0])
+    loop = tmc_shapley(fn, 7, utility.empty(), full, num_permutations=9, truncation_tolerance=tolerance, seed=3)
+    batched = permutation_shapley(fn, 7, utility.empty(), num_permutations=9, seed=3, truncation_tolerance=tolerance)
+    np.testing.assert_allclose(batched.values, loop.values, atol=1e-7)
+    np.testing.assert_allclose(batched.standard_errors, loop.standard_errors, atol=1e-7)
+    if tolerance == 0.3:
+        assert loop.settings["retrainings"] < 9 * 6  # the rule did truncate here
+    with pytest.raises(ValueError, match="truncation_tolerance"):
+        permutation_shapley(fn, 7, utility.empty(), num_permutations=2, truncation_tolerance=-1.0)
