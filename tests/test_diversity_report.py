@@ -17,7 +17,7 @@ from lightning_tda.diversity.overlap import layer_embeddings
 from lightning_tda.models import MLP, DigitsCNN
 from lightning_tda.reporting import Reporter
 
-from test_reporting import history_rows, read_wandb_records
+from wandb_records import wait_for_history
 
 
 def _models():
@@ -73,10 +73,11 @@ def test_report_logs_files_and_wandb_and_round_trips(offline_wandb):
         metrics = {r["name"]: float(r["value"]) for r in csv.DictReader(f)}
     assert metrics["diversity/mean_error_inconsistency"] == pytest.approx(report.diversity.summary()["mean_error_inconsistency"])
 
-    rows = history_rows(read_wandb_records(run_dir / f"run-{run_id}.wandb"))
+    expected = {"diversity", "diversity_heatmap", "diversity_confidence", "diversity_table", "diversity_categories",
+                "diversity_selection", "diversity/mean_error_inconsistency", "diversity_overlap_0"}
+    _, rows = wait_for_history(run_dir / f"run-{run_id}.wandb", expected)
     logged = {key for row in rows for key in row}
-    for key in ("diversity", "diversity_heatmap", "diversity_confidence", "diversity_table", "diversity_categories",
-                "diversity_selection", "diversity/mean_error_inconsistency", "diversity_overlap_0"):
+    for key in sorted(expected):
         assert key in logged, key
 
     report.save(tmp_path / "saved")

@@ -41,7 +41,7 @@ def test_transfer_attacks_checks_its_arguments():
 
 
 def test_layers_fast_logs_to_wandb_offline(tmp_path, capsys, monkeypatch):
-    from test_reporting import history_rows, read_wandb_records
+    from wandb_records import history_rows, read_wandb_records
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     for var, sub in (("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config")):

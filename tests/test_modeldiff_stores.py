@@ -4,7 +4,6 @@ and its logging to files and to an offline W&B run."""
 from __future__ import annotations
 
 import csv
-import time
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +103,7 @@ def test_compare_algorithms_end_to_end_logs_files(runs, tmp_path):
 
 def test_report_goes_to_an_offline_wandb_run(runs, tmp_path, monkeypatch):
     from lightning.pytorch.loggers import WandbLogger
-    from test_reporting import history_rows, read_wandb_records
+    from wandb_records import wait_for_history
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     for var, sub in (("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config")):
@@ -118,12 +117,8 @@ def test_report_goes_to_an_offline_wandb_run(runs, tmp_path, monkeypatch):
     run_dir, run_id = Path(run.dir).parent, run.id
     run.finish()
     expected = {"md_directions_a", "md_summary", "md_directions_a_direction0_examples", "md_verification_examples"}
-    for _ in range(30):  # the run file can trail run.finish() on a loaded machine
-        rows = history_rows(read_wandb_records(run_dir / f"run-{run_id}.wandb"))
-        logged = {key: value for row in rows for key, value in row.items() if not key.startswith(("_", "trainer/"))}
-        if expected <= set(logged):
-            break
-        time.sleep(1)
+    _, rows = wait_for_history(run_dir / f"run-{run_id}.wandb", expected)
+    logged = {key: value for row in rows for key, value in row.items() if not key.startswith(("_", "trainer/"))}
     assert logged["md_directions_a"]["_type"] == "image-file" and logged["md_summary"]["_type"] == "image-file"
     table = logged["md_directions_a_direction0_examples"]
     assert table["_type"] == "table-file" and table["nrows"] == 3

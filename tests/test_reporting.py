@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from wandb_records import history_rows, read_wandb_records  # noqa: E402
+from wandb_records import wait_for_history  # noqa: E402
 from lightning_tda.reporting import Reporter, to_uint8_image  # noqa: E402
 from lightning_tda.store import validate_name  # noqa: E402
 
@@ -109,8 +109,7 @@ def test_wandb_offline_run_holds_figure_table_and_grid(offline_wandb):
 
     assert paths["figure"] == tmp_path / "report" / "figures" / "curve.png"
     check_files(tmp_path / "report")
-    records = read_wandb_records(run_dir / f"run-{run_id}.wandb")
-    rows = history_rows(records)
+    records, rows = wait_for_history(run_dir / f"run-{run_id}.wandb", {"curve", "top", "grid", "lds", "lds_curve_table"})
     by_key = {key: row for row in rows for key in row if not key.startswith("_")}
 
     # The figure: one image, the very PNG written under the report directory.

@@ -48,3 +48,24 @@ def history_rows(records) -> list[dict]:
                 node[keys[-1]] = json.loads(item.value_json)
             rows.append(row)
     return rows
+
+
+def wait_for_history(path: Path, keys: set[str], timeout_s: float = 30.0) -> tuple[list, list[dict]]:
+    """``(records, history rows)`` of a run file once its rows hold every key in ``keys``: on a
+    loaded machine the file can trail ``run.finish()`` (W&B's service writes it), so it is read
+    again, once a second, for up to ``timeout_s``; the last read is returned either way, for the
+    caller's assertions to name what is missing."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            records = read_wandb_records(path)
+            rows = history_rows(records)
+        except Exception:  # the file or its last record is still being written
+            if time.monotonic() > deadline:
+                raise
+            records, rows = [], []
+        if keys <= {key for row in rows for key in row} or time.monotonic() > deadline:
+            return records, rows
+        time.sleep(1.0)
