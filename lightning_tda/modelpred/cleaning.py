@@ -130,7 +130,8 @@ def cleaning_study(
     ModelPred is fitted on the noisy set once (each ModelPred method's time includes the fit);
     ``modelpred_shapley`` uses ``shapley_permutations``, ``modelpred_shapley_tmc_budget`` TMC's
     ``tmc_permutations`` (the two Shapley estimates at the same Monte-Carlo budget, so their
-    precision and time compare directly); leave-one-out and TMC Shapley retrain with scikit-learn; Data-OOB bags decision trees (``data_oob``) or the target
+    precision and time compare directly); leave-one-out and TMC Shapley retrain with
+    scikit-learn; Data-OOB bags decision trees (``data_oob``) or the target
     (``data_oob_target``); the influence function uses the exact Hessian.
     """
     from lightning_tda.modelpred.baselines import data_oob, influence_values, knn_shapley, tmc_shapley
