@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> str | None:
         "float16 features; TRAK() defaults, scores float32 into an out store tile by tile.", "",
         table, "", *[f"- {n}" for n in notes], "",
         f"machine: {machine()}; date: {today()}; load average after: {os.getloadavg()[0]:.1f}; "
-        "timings provisional (machine shared)", "", f"Command: `{command}`", "",
+        "wall times need the machine to itself (a load average near the thread count)", "", f"Command: `{command}`", "",
     ])
     print(report)
     if args.out:
