@@ -16,7 +16,7 @@ import sys
 import pytest
 from PIL import Image
 
-from wandb_records import history_rows, read_wandb_records
+from wandb_records import wait_for_history
 
 SECTIONS = ["Demo", "Attribution (TRAK)", "ModelDiff (A against B)", "Ensemble diversity", "Distance correlation", "Further training", "ModelPred data values and cleaning", "Summary"]
 
@@ -64,7 +64,7 @@ def test_wandb_offline_run_holds_tables_and_images(demo_run):
     out, _ = demo_run
     (run_dir,) = list((out / "wandb").glob("offline-run-*"))
     (run_file,) = list(run_dir.glob("run-*.wandb"))
-    rows = history_rows(read_wandb_records(run_file))
+    _, rows = wait_for_history(run_file, {"trak_top_examples", "diversity_heatmap"})
     logged = {key: value for row in rows for key, value in row.items() if not key.startswith("_")}
     kinds = {value["_type"] for value in logged.values() if isinstance(value, dict) and "_type" in value}
     assert {"image-file", "table-file"} <= kinds, kinds

@@ -41,7 +41,7 @@ def test_transfer_attacks_checks_its_arguments():
 
 
 def test_layers_fast_logs_to_wandb_offline(tmp_path, capsys, monkeypatch):
-    from wandb_records import history_rows, read_wandb_records
+    from wandb_records import wait_for_history
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     for var, sub in (("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config")):
@@ -53,8 +53,10 @@ def test_layers_fast_logs_to_wandb_offline(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "figures" / "layers.png").stat().st_size > 10_000
     assert (tmp_path / "tables" / "layers_table.csv").exists()
     (run_file,) = tmp_path.rglob("run-*.wandb")
-    keys = {key for row in history_rows(read_wandb_records(run_file)) for key in row}
-    assert {"layers", "layers_table", "layers/dcor_mean", "layers/pdcor_last_a_given_b"} <= keys
+    expected = {"layers", "layers_table", "layers/dcor_mean", "layers/pdcor_last_a_given_b"}
+    _, rows = wait_for_history(run_file, expected)  # the run file can trail the run's finish
+    keys = {key for row in rows for key in row}
+    assert expected <= keys
 
 
 def test_conditioning_fast(tmp_path, capsys):
