@@ -6,6 +6,7 @@ import datetime as _dt
 import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -52,6 +53,15 @@ def ratio_spread(ours: Sequence[float], baseline: Sequence[float]) -> tuple[floa
     """Per-repeat ratios baseline/ours (paired, same repeat): median and ``min-max``."""
     ratios = [b / o for o, b in zip(ours, baseline)]
     return statistics.median(ratios), f"{min(ratios):.3g}-{max(ratios):.3g}"
+
+
+def emit_report(text: str, out: Path | None) -> str:
+    """Print a benchmark's markdown report and, when ``out`` is given, write it there too."""
+    print(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+    return text
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

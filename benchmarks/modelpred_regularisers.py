@@ -111,11 +111,7 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
                          f"without either: {none['relative_error_mean']:.4f}" + (f"; the defaults (1, 1): {default['relative_error_mean']:.4f}." if default else "."))
             lines.append("")
     text = "\n".join(lines)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
-    return text
+    return _common.emit_report(text, args.out)
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -233,11 +233,7 @@ def main(argv: list[str] | None = None) -> str:
     if results:
         figure(results, args.figure)
     text = report(results, args)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
-    return text
+    return _common.emit_report(text, args.out)
 
 
 if __name__ == "__main__":
