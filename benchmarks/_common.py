@@ -7,7 +7,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -53,6 +53,17 @@ def ratio_spread(ours: Sequence[float], baseline: Sequence[float]) -> tuple[floa
     """Per-repeat ratios baseline/ours (paired, same repeat): median and ``min-max``."""
     ratios = [b / o for o, b in zip(ours, baseline)]
     return statistics.median(ratios), f"{min(ratios):.3g}-{max(ratios):.3g}"
+
+
+def load_benchmark(name: str) -> Any:
+    """Another benchmark script of this folder as a module (``benchmarks/`` is not a package), to
+    reuse its data splits and caches rather than write them again."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", Path(__file__).resolve().parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def emit_report(text: str, out: Path | None) -> str:

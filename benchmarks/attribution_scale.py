@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, markdown_table, today  # noqa: E402
+from _common import emit_report, machine, markdown_table, today  # noqa: E402
 
 from lightning_tda import schema  # noqa: E402
 from lightning_tda.attribution import TRAK, load_features  # noqa: E402
@@ -408,10 +408,7 @@ def main(argv: list[str] | None = None) -> str | None:
         f"machine: {machine()}; date: {today()}; load average after: {os.getloadavg()[0]:.1f}; "
         "wall times need the machine to itself (a load average near the thread count)", "", f"Command: `{command}`", "",
     ])
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
+    emit_report(report, args.out)
     if temporary is not None:
         temporary.cleanup()
     return report

@@ -49,10 +49,7 @@ GRID = [(0.0, 0.0), (0.1, 0.0), (1.0, 0.0), (10.0, 0.0), (0.0, 0.1), (0.0, 1.0),
 
 
 def load_split(dataset: str, n_train: int, n_test: int, seed: int) -> tuple[np.ndarray, ...]:
-    spec = importlib.util.spec_from_file_location("_modelpred_studies", _HERE / "modelpred_studies.py")
-    studies = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(studies)
-    return studies.load_data(dataset, n_train, n_test, seed=seed)
+    return _common.load_benchmark("modelpred_studies").load_data(dataset, n_train, n_test, seed=seed)
 
 
 def sweep(args: argparse.Namespace, dataset: str) -> list[dict[str, Any]]:

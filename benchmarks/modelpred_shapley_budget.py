@@ -63,13 +63,6 @@ TOLERANCE = 0.01  # TMC's default truncation tolerance (peer_settings.DEFAULTS),
 VARIANTS = {"modelpred": ("ModelPred Shapley", 0.0), "modelpred_tmc": (f"ModelPred TMC Shapley (tolerance {TOLERANCE:g})", TOLERANCE)}
 
 
-def studies_module() -> Any:
-    spec = importlib.util.spec_from_file_location("_modelpred_studies", _HERE / "modelpred_studies.py")
-    studies = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(studies)
-    return studies
-
-
 def roc_auc(values: np.ndarray, flipped: np.ndarray) -> float:
     """ROC AUC of low values for flipped labels (0.5: chance; 1: every flipped label below every clean one)."""
     from sklearn.metrics import roc_auc_score
@@ -82,7 +75,7 @@ def scored(values: np.ndarray, flipped: np.ndarray, budget: int, seconds: float)
 
 
 def run_dataset(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
-    studies = studies_module()
+    studies = _common.load_benchmark("modelpred_studies")
     problem = argparse.Namespace(n_train=args.n_train, n_test=args.n_test)
     x, noisy, flipped, target, utility = studies.cleaning_problem(problem, dataset, SEED)
     cache = args.cache / dataset
@@ -99,14 +92,6 @@ def run_dataset(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
         fit_file.write_text(json.dumps({"seconds": fit_seconds}))
     print(f"[{dataset}] ModelPred fit: {fit_seconds:.1f} s", file=sys.stderr, flush=True)
 
-    def cached(name: str, compute: Any) -> list[dict[str, Any]]:
-        path = cache / f"{name}.json"
-        if path.exists() and not args.fresh:
-            return json.loads(path.read_text())
-        rows = compute()
-        path.write_text(json.dumps(rows, indent=1))
-        return rows
-
     def modelpred_rows(label: str, tolerance: float) -> list[dict[str, Any]]:
         rows = []
         for b in args.modelpred_budgets:
@@ -121,9 +106,10 @@ def run_dataset(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
         print(f"[{dataset}] TMC Shapley, {max(args.tmc_budgets)} permutations: {runs[-1].seconds:.1f} s", file=sys.stderr, flush=True)
         return [scored(r.values, flipped, b, r.seconds) for b, r in zip(args.tmc_budgets, runs)]
 
-    variants = {label: cached(key, lambda label=label, tolerance=tolerance: modelpred_rows(label, tolerance)) for key, (label, tolerance) in VARIANTS.items()}
+    variants = {label: studies.cached(cache, key, args.fresh, lambda label=label, tolerance=tolerance: modelpred_rows(label, tolerance))
+                for key, (label, tolerance) in VARIANTS.items()}
     return {"dataset": dataset, "n": int(target.n), "num_flipped": int(flipped.sum()), "fit_seconds": fit_seconds,
-            "variants": variants, "tmc": cached("tmc", tmc_rows)}
+            "variants": variants, "tmc": studies.cached(cache, "tmc", args.fresh, tmc_rows)}
 
 
 def matches(r: dict[str, Any], variant: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -110,7 +110,8 @@ def classes(dataset: str) -> int:
     return 10 if dataset == "digits" else 2
 
 
-def cached(cache: Path, name: str, fresh: bool, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def cached(cache: Path, name: str, fresh: bool, compute: Callable[[], Any]) -> Any:
+    """The JSON result ``name`` under ``cache``, computed and written when missing (or ``fresh``)."""
     path = cache / f"{name}.json"
     if path.exists() and not fresh:
         return json.loads(path.read_text())
